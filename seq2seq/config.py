@@ -1,0 +1,282 @@
+"""Typed configuration schemas for every Hydra group, and where the YAML lives.
+
+The dataclasses are the single source of truth: YAML files under ``conf/`` only
+set values, unknown keys fail when Hydra merges them with these schemas, and
+everything below the app layer receives these dataclasses (never a DictConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+MISSING = "???"
+
+
+# Choices are str-valued Enums (OmegaConf 2.3 has no Literal support): YAML and
+# the command line use the plain names, and members compare equal to them.
+class Choice(str, Enum):
+    """A config choice that prints and formats as its plain name."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class DataFormat(Choice):
+    builtin = "builtin"
+    text = "text"
+    tsv = "tsv"
+    jsonl = "jsonl"
+    hub = "hub"
+
+
+class PieceModel(Choice):
+    unigram = "unigram"
+    bpe = "bpe"
+
+
+class Cell(Choice):
+    gru = "gru"
+    lstm = "lstm"
+    rnn = "rnn"
+
+
+class AttentionKind(Choice):
+    bahdanau = "bahdanau"
+    luong = "luong"
+    none = "none"
+
+
+class OptimName(Choice):
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(Choice):
+    constant = "constant"
+    plateau = "plateau"
+    warmup = "warmup"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Errors(Choice):
+    strict = "strict"
+    replace = "replace"
+
+
+def conf_dir() -> str:
+    """Absolute path of the Hydra config directory.
+
+    Why one helper: Hydra 1.3 resolves a relative ``config_path`` against the
+    source file for ``python -m`` but against the package for console scripts.
+    An absolute path is honoured by both. A wheel ships the YAML as
+    ``seq2seq/conf``; an editable install reads ``<checkout>/conf``.
+    """
+    package = Path(__file__).resolve().parent
+    shipped = package / "conf"
+    if shipped.is_dir():
+        return str(shipped)
+    return str(package.parent / "conf")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SplitConfig:
+    """Where one split (train / valid / test) comes from.
+
+    ``src``/``tgt`` name two aligned plain-text files (``format=text``);
+    ``path`` names one TSV or JSONL file; ``split`` is the split name on the
+    hub, ``stem`` the file stem inside ``DataConfig.dir`` (``{dir}/{stem}.{lang}[.gz]``).
+    """
+
+    src: str | None = None
+    tgt: str | None = None
+    path: str | None = None
+    split: str | None = None
+    stem: str | None = None
+
+
+@dataclass
+class BuiltinConfig:
+    """Size and seed of the generated offline corpus (see ``seq2seq.builtin``)."""
+
+    train_size: int = 20000
+    valid_size: int = 500
+    test_size: int = 500
+    seed: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Which parallel corpus to read and how to filter it for training."""
+
+    format: DataFormat = DataFormat.builtin
+    name: str = "builtin"
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    dir: str | None = None
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(split="train", stem="train"))
+    valid: SplitConfig = field(
+        default_factory=lambda: SplitConfig(split="validation", stem="valid")
+    )
+    test: SplitConfig = field(default_factory=lambda: SplitConfig(split="test", stem="test"))
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+    max_length: int = 100
+    max_ratio: float = 3.0
+
+
+# ------------------------------------------------------------------------ tokenizer
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece settings; trained on the training split only, then cached."""
+
+    model_type: PieceModel = PieceModel.unigram
+    vocab_size: int = 8000
+    joint: bool = False
+    character_coverage: float = 1.0
+    cache_dir: str = "~/.cache/seq2seq/spm"
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and variants of the encoder-decoder; vocabularies come from code."""
+
+    cell: Cell = Cell.gru
+    attention: AttentionKind = AttentionKind.bahdanau
+    embedding_size: int = 256
+    hidden_size: int = 512
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    attention_size: int = 256
+    dropout: float = 0.3
+    tie_embeddings: bool = True
+
+
+# ------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    name: OptimName = OptimName.adam
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.plateau
+    warmup_steps: int = 0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainingConfig:
+    """The training loop: batches, budgets, validation, early stopping."""
+
+    max_tokens: int = 4000
+    teacher_forcing: float = 1.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    max_steps: int = 0
+    max_epochs: int = 0
+    max_time: float = 0.0
+    valid_every: int = 500
+    valid_max_sentences: int = 0
+    patience: int = 5
+    log_every: int = 50
+    seed: int = 1234
+    device: str = "auto"
+    threads: int = 0
+    precision: Precision = Precision.fp32
+    resume: bool = True
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass
+class DecodeConfig:
+    """How to search: beam size, batching, length handling."""
+
+    beam_size: int = 5
+    batch_size: int = 64
+    nbest: int = 1
+    alpha: float = 1.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    max_input_tokens: int = 250
+
+
+# ------------------------------------------------------------------------- primaries
+
+
+@dataclass
+class TrainApp:
+    """``seq2seq-train``: corpus -> tokenizer -> model -> trainer -> bundle."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    run_dir: str = MISSING
+
+
+@dataclass
+class TranslateApp:
+    """``seq2seq-translate``: bundle + input lines -> one output line per input line."""
+
+    model: str = MISSING
+    input: str | None = None
+    output: str | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scores: bool = False
+    alignments: str | None = None
+    attention_plot: str | None = None
+    chunk_size: int = 10000
+    errors: Errors = Errors.strict
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class EvaluateApp:
+    """``seq2seq-evaluate``: hypotheses (or bundle + source) and references -> metrics."""
+
+    hyp: str | None = None
+    ref: list[str] = field(default_factory=list)
+    model: str | None = None
+    src: str | None = None
+    lowercase: bool = False
+    tokenize: str = "13a"
+    json: str | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    device: str = "auto"
+    threads: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra validates every YAML file against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainApp)
+    cs.store(name="translate_schema", node=TranslateApp)
+    cs.store(name="evaluate_schema", node=EvaluateApp)

@@ -1,0 +1,538 @@
+"""Batched greedy and beam search over any model that satisfies `Searchable`.
+
+Search never imports the model: it sees three calls (`encode`, `init_state`, `decode_step`)
+and objects that can pick their batch rows with ``select(index)`` — fairseq's
+``reorder_incremental_state`` idea, but returning a new object instead of mutating one.
+
+Both searches keep the whole batch in tensors and never loop over sentences or hypotheses
+inside the step loop. A sentence's output never depends on its batch: its maximum length,
+its stopping decision and its finished hypotheses are all computed per sentence, and
+sentences that are done keep being stepped with ``-inf`` scores, which cannot produce
+candidates. (Rows of a finished sentence are not dropped, so ``enc`` rows never need
+reordering after the initial expansion to the beam.)
+
+Beam search, per step (fairseq's candidate rule):
+
+1. score every extension of every live hypothesis, force EOS at the sentence's max length;
+2. take the top ``2K`` of the ``K x V`` extensions per sentence in one ``topk`` call;
+3. EOS candidates among the first ``K`` join the sentence's finished set (the best ``K`` by
+   length-normalised score are kept, so ``nbest`` never changes the 1-best);
+4. the first ``K`` non-EOS candidates become the new beam (at most ``K`` candidates are EOS,
+   so there are always enough);
+5. a sentence is done once it holds ``K`` finished hypotheses and its best live hypothesis,
+   normalised at its current length, scores no better than the worst finished one (the
+   Hugging Face ``early_stopping=False`` rule), or once it reached its maximum length.
+
+With ``alpha = 0`` the rule in 5 is exact (log-probs only fall as a hypothesis grows); with
+``alpha > 0`` a longer hypothesis can still overtake, so it is the usual heuristic. With
+``K = 1`` it stops exactly when EOS is the arg-max, which is why beam-1 equals `greedy`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Hypothesis",
+    "Searchable",
+    "Selectable",
+    "beam_search",
+    "greedy",
+    "length_penalty",
+    "max_lengths",
+]
+
+NEG_INF = -math.inf
+SelectableT = TypeVar("SelectableT", bound="Selectable")
+
+
+class Selectable(Protocol):
+    """An encoder output or decoder state whose batch rows can be picked."""
+
+    def select(self: SelectableT, index: Tensor, /) -> SelectableT:
+        """New object holding rows ``index`` ((N,) long) of the batch dimension."""
+        ...
+
+
+class Searchable(Protocol):
+    """What search needs from a model; `seq2seq.model.Seq2Seq` satisfies it."""
+
+    def encode(self, src: Tensor, src_lengths: Tensor, /) -> Selectable:
+        """Encode ``src`` (B, S) long with ``src_lengths`` (B,) long."""
+        ...
+
+    def init_state(self, enc: Any, /) -> Selectable:
+        """First decoder state for the encoder output ``enc``."""
+        ...
+
+    def decode_step(
+        self, prev_tokens: Tensor, state: Any, enc: Any, /
+    ) -> tuple[Tensor, Selectable, Tensor]:
+        """One step from ``prev_tokens`` (N,): log-probs (N, V), new state, attention (N, S)."""
+        ...
+
+
+@dataclass
+class Hypothesis:
+    """One finished translation.
+
+    Attributes:
+        tokens: output ids without BOS and EOS.
+        score: length-normalised log-prob used for ranking (raw log-prob for `greedy`).
+        log_prob: total log-prob of ``tokens`` followed by EOS.
+        attention: (len(tokens) + 1, S_i) on CPU, one row per output step including EOS,
+            columns restricted to the sentence's S_i real source positions; None unless
+            requested.
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+    attention: Tensor | None = None
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al., 2016, eq. 14).
+
+    Dividing a log-prob by it counters beam search's preference for short outputs;
+    ``length`` counts output tokens including EOS, and ``alpha = 0`` gives 1 (raw log-prob).
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+    """Per-sentence output budget ``floor(a * src_len + b)`` in tokens, EOS not counted.
+
+    Per sentence rather than per batch, so a translation never depends on its batch-mates.
+
+    Args:
+        src_lengths: (B,) long.
+
+    Returns:
+        (B,) long, clamped at 0 (an empty output followed by the forced EOS).
+    """
+    budget = torch.floor(src_lengths.double() * max_len_a + max_len_b).long()
+    return budget.clamp(min=0)
+
+
+def _force_eos(log_probs: Tensor, must_end: Tensor, eos_id: int) -> Tensor:
+    """Leave only EOS possible for rows at their length budget; EOS keeps its own log-prob.
+
+    Args:
+        log_probs: (N, V).
+        must_end: (N,) bool.
+    """
+    others = torch.ones_like(log_probs, dtype=torch.bool)
+    others[:, eos_id] = False
+    return log_probs.masked_fill(must_end[:, None] & others, NEG_INF)
+
+
+# ----------------------------------------------------------------------------------- greedy
+
+
+def greedy(
+    model: Searchable,
+    src: Tensor,
+    src_lengths: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float,
+    max_len_b: int,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Arg-max decoding of a batch: the fast path, with none of the beam bookkeeping.
+
+    Pinned to `beam_search` with ``beam_size=1`` by a test. Sentences that emitted EOS keep
+    being fed EOS (their outputs are frozen) until all are done or at the longest budget.
+
+    Args:
+        src: (B, S) long, padded.
+        src_lengths: (B,) long.
+
+    Returns:
+        One single-hypothesis list per sentence; ``score`` is the raw log-prob.
+    """
+    with torch.inference_mode():
+        budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
+        enc = model.encode(src, src_lengths)
+        state = model.init_state(enc)
+        prev = torch.full((src.size(0),), bos_id, dtype=torch.long, device=src.device)
+        ended = torch.zeros_like(prev, dtype=torch.bool)
+        total = torch.zeros(prev.shape, device=src.device)
+        steps: list[Tensor] = []
+        attention: list[Tensor] = []
+        for step in range(int(budget.max()) + 1):
+            log_probs, state, attn = model.decode_step(prev, state, enc)
+            best, prev = _force_eos(log_probs, step >= budget, eos_id).max(dim=-1)
+            prev = prev.masked_fill(ended, eos_id)
+            total = total + best.masked_fill(ended, 0.0)
+            steps.append(prev)
+            attention.append(attn)
+            ended = ended | (prev == eos_id)
+            if bool(ended.all()):
+                break
+        attn_all = torch.stack(attention, dim=1) if return_attention else None
+        return _greedy_hypotheses(torch.stack(steps, dim=1), total, attn_all, src_lengths, eos_id)
+
+
+def _greedy_hypotheses(
+    tokens: Tensor, log_probs: Tensor, attention: Tensor | None, src_lengths: Tensor, eos_id: int
+) -> list[list[Hypothesis]]:
+    """Cut each row at its first EOS (there always is one: the budget forces it).
+
+    Args:
+        tokens: (B, T) long, EOS-padded.
+        log_probs: (B,) float.
+        attention: (B, T, S) or None.
+        src_lengths: (B,) long.
+    """
+    tokens, log_probs = tokens.cpu(), log_probs.cpu()
+    lengths = (tokens == eos_id).long().argmax(dim=1).tolist()
+    hyps = []
+    for i, length in enumerate(lengths):
+        attn = None
+        if attention is not None:
+            attn = attention[i, : length + 1, : int(src_lengths[i])].float().cpu()
+        score = float(log_probs[i])
+        hyps.append([Hypothesis(tokens[i, :length].tolist(), score, score, attn)])
+    return hyps
+
+
+# ------------------------------------------------------------------------------ beam search
+
+
+@dataclass
+class _Beams:
+    """The live hypotheses of every sentence, K per sentence.
+
+    Attributes:
+        tokens: (B, K, t) long, tokens generated so far.
+        scores: (B, K) cumulative log-probs; ``-inf`` marks an empty or retired slot.
+        parents: (B, K) long, the slot of the previous beam each hypothesis extends.
+        attention: (B, K, t, S) attention rows of those tokens, or None.
+    """
+
+    tokens: Tensor
+    scores: Tensor
+    parents: Tensor
+    attention: Tensor | None
+
+
+@dataclass
+class _Finished:
+    """Up to K finished hypotheses per sentence, best first.
+
+    Attributes:
+        tokens: (B, K, L) long, EOS-padded; L = the longest budget in the batch.
+        lengths: (B, K) long, number of tokens (EOS not counted).
+        log_probs: (B, K) total log-probs including EOS.
+        scores: (B, K) length-normalised log-probs, sorted descending; ``-inf`` = empty slot.
+        attention: (B, K, L + 1, S), or None.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    log_probs: Tensor
+    scores: Tensor
+    attention: Tensor | None
+
+
+@dataclass
+class _Candidates:
+    """The top 2K extensions of each sentence's beam, best first.
+
+    Attributes:
+        scores: (B, 2K) cumulative log-probs.
+        beams: (B, 2K) long, which live hypothesis (0..K-1) each one extends.
+        tokens: (B, 2K) long, the token appended.
+    """
+
+    scores: Tensor
+    beams: Tensor
+    tokens: Tensor
+
+
+def beam_search(
+    model: Searchable,
+    src: Tensor,
+    src_lengths: Tensor,
+    *,
+    beam_size: int,
+    nbest: int = 1,
+    alpha: float = 1.0,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float,
+    max_len_b: int,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with GNMT length normalisation; the algorithm is in the module doc.
+
+    Args:
+        src: (B, S) long, padded.
+        src_lengths: (B,) long.
+        beam_size: K, live hypotheses per sentence.
+        nbest: hypotheses returned per sentence (≤ beam_size); fewer when the search space
+            holds fewer distinct outputs.
+        alpha: length-penalty exponent, 0 ranks by raw log-prob.
+
+    Returns:
+        Per sentence, up to ``nbest`` hypotheses, best score first.
+    """
+    _check_beam_args(beam_size, nbest)
+    with torch.inference_mode():
+        batch, k = src.size(0), beam_size
+        budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
+        enc = model.encode(src, src_lengths).select(_beam_rows(batch, k, src.device))
+        state = model.init_state(enc)
+        beams = _start_beams(batch, k, src.size(1), src.device, return_attention)
+        finished = _no_finished(beams, int(budget.max()))
+        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        for step in range(int(budget.max()) + 1):
+            log_probs, state, attn = model.decode_step(_last_tokens(beams, bos_id), state, enc)
+            log_probs = _force_eos(log_probs, (step >= budget).repeat_interleave(k), eos_id)
+            candidates = _top_candidates(beams.scores, log_probs.view(batch, k, -1))
+            finished = _finalise(finished, beams, candidates, attn, alpha=alpha, eos_id=eos_id)
+            beams = _advance(beams, candidates, attn, eos_id=eos_id)
+            done = done | _is_done(finished, beams, step >= budget, alpha=alpha)
+            if bool(done.all()):
+                break
+            beams = _retire(beams, done)
+            state = state.select(_flat_rows(beams.parents))
+        return _beam_hypotheses(finished, src_lengths, nbest)
+
+
+def _check_beam_args(beam_size: int, nbest: int) -> None:
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(
+            f"nbest must be between 1 and beam_size, got nbest={nbest} with beam_size={beam_size}"
+        )
+
+
+def _beam_rows(batch: int, k: int, device: torch.device) -> Tensor:
+    """(B*K,) row index that repeats every sentence K times: sentence b owns rows bK..bK+K-1."""
+    return torch.arange(batch, device=device).repeat_interleave(k)
+
+
+def _start_beams(
+    batch: int, k: int, src_len: int, device: torch.device, with_attention: bool
+) -> _Beams:
+    """One empty hypothesis per sentence; the other K-1 slots start at ``-inf``.
+
+    Otherwise the first step would fill the beam with K copies of the same extensions.
+    """
+    scores = torch.full((batch, k), NEG_INF, device=device)
+    scores[:, 0] = 0.0
+    tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    parents = torch.arange(k, device=device).expand(batch, k)
+    attention = torch.zeros(batch, k, 0, src_len, device=device) if with_attention else None
+    return _Beams(tokens, scores, parents, attention)
+
+
+def _no_finished(beams: _Beams, longest: int) -> _Finished:
+    """Empty finished set with room for hypotheses of up to ``longest`` tokens."""
+    batch, k = beams.scores.shape
+    device = beams.scores.device
+    attention = None
+    if beams.attention is not None:
+        attention = torch.zeros(batch, k, longest + 1, beams.attention.size(3), device=device)
+    return _Finished(
+        tokens=torch.zeros(batch, k, longest, dtype=torch.long, device=device),
+        lengths=torch.zeros(batch, k, dtype=torch.long, device=device),
+        log_probs=torch.full((batch, k), NEG_INF, device=device),
+        scores=torch.full((batch, k), NEG_INF, device=device),
+        attention=attention,
+    )
+
+
+def _last_tokens(beams: _Beams, bos_id: int) -> Tensor:
+    """(B*K,) input tokens of the next step: BOS first, then each hypothesis' last token."""
+    batch, k, length = beams.tokens.shape
+    if length == 0:
+        return torch.full((batch * k,), bos_id, dtype=torch.long, device=beams.tokens.device)
+    return beams.tokens[:, :, -1].reshape(-1)
+
+
+def _top_candidates(scores: Tensor, log_probs: Tensor) -> _Candidates:
+    """Best 2K extensions per sentence over all (beam, token) pairs, in one ``topk`` call.
+
+    2K guarantees K non-EOS candidates, since each beam contributes at most one EOS.
+
+    Args:
+        scores: (B, K) cumulative log-probs of the live hypotheses.
+        log_probs: (B, K, V) next-token log-probs.
+    """
+    batch, k, vocab = log_probs.shape
+    totals = (scores[:, :, None] + log_probs).view(batch, k * vocab)
+    best, flat = totals.topk(min(2 * k, k * vocab), dim=1)
+    return _Candidates(scores=best, beams=flat // vocab, tokens=flat % vocab)
+
+
+def _finalise(
+    finished: _Finished,
+    beams: _Beams,
+    candidates: _Candidates,
+    step_attention: Tensor,
+    *,
+    alpha: float,
+    eos_id: int,
+) -> _Finished:
+    """Move EOS candidates ranked in the top K into the finished set, keeping the best K.
+
+    Args:
+        step_attention: (B*K, S) attention of this step, rows in the current beam order.
+    """
+    batch, k, length = beams.tokens.shape
+    origin = candidates.beams[:, :k]
+    log_probs = candidates.scores[:, :k]
+    ends = (candidates.tokens[:, :k] == eos_id) & torch.isfinite(log_probs)
+    if not bool(ends.any()):
+        return finished
+    pad = finished.tokens.size(2) - length
+    attention = None
+    if beams.attention is not None:
+        rows = torch.cat([beams.attention, step_attention.view(batch, k, 1, -1)], dim=2)
+        attention = _pad_dim2(_pick(rows, origin), pad, 0.0)
+    new = _Finished(
+        tokens=_pad_dim2(_pick(beams.tokens, origin), pad, eos_id),
+        lengths=torch.full_like(origin, length),
+        log_probs=log_probs,
+        scores=log_probs.masked_fill(~ends, NEG_INF) / length_penalty(length + 1, alpha),
+        attention=attention,
+    )
+    return _keep_best(finished, new)
+
+
+def _keep_best(old: _Finished, new: _Finished) -> _Finished:
+    """Best K of the union of two finished sets, by normalised score, best first."""
+    k = old.scores.size(1)
+    scores, index = torch.cat([old.scores, new.scores], dim=1).topk(k, dim=1)
+
+    def merge(a: Tensor, b: Tensor) -> Tensor:
+        return _pick(torch.cat([a, b], dim=1), index)
+
+    attention = None
+    if old.attention is not None and new.attention is not None:
+        attention = merge(old.attention, new.attention)
+    return _Finished(
+        tokens=merge(old.tokens, new.tokens),
+        lengths=merge(old.lengths, new.lengths),
+        log_probs=merge(old.log_probs, new.log_probs),
+        scores=scores,
+        attention=attention,
+    )
+
+
+def _advance(
+    beams: _Beams, candidates: _Candidates, step_attention: Tensor, *, eos_id: int
+) -> _Beams:
+    """New beam: the first K non-EOS candidates, histories reordered to follow them.
+
+    Args:
+        step_attention: (B*K, S) attention of this step, rows in the current beam order.
+    """
+    batch, k, _ = beams.tokens.shape
+    width = candidates.scores.size(1)
+    is_eos = candidates.tokens == eos_id
+    # Rank non-EOS candidates by position, EOS ones after all of them (fairseq's trick).
+    rank = torch.arange(width, device=is_eos.device) + is_eos.long() * width
+    keep = rank.topk(k, dim=1, largest=False).indices
+    origin = candidates.beams.gather(1, keep)
+    tokens = candidates.tokens.gather(1, keep)
+    scores = candidates.scores.gather(1, keep).masked_fill(tokens == eos_id, NEG_INF)
+    attention = None
+    if beams.attention is not None:
+        rows = torch.cat([beams.attention, step_attention.view(batch, k, 1, -1)], dim=2)
+        attention = _pick(rows, origin)
+    history = torch.cat([_pick(beams.tokens, origin), tokens[:, :, None]], dim=2)
+    return _Beams(tokens=history, scores=scores, parents=origin, attention=attention)
+
+
+def _retire(beams: _Beams, done: Tensor) -> _Beams:
+    """Set the live scores of done sentences to ``-inf`` so they yield no more candidates.
+
+    Their rows are still stepped (cheaper than compacting the batch), but nothing they
+    produce can reach the finished set, so they cannot influence anything.
+
+    Args:
+        done: (B,) bool.
+    """
+    scores = beams.scores.masked_fill(done[:, None], NEG_INF)
+    return _Beams(beams.tokens, scores, beams.parents, beams.attention)
+
+
+def _is_done(finished: _Finished, beams: _Beams, at_budget: Tensor, *, alpha: float) -> Tensor:
+    """(B,) bool: no live hypothesis of the sentence can still enter its finished set.
+
+    True once K hypotheses are finished and the best live one, normalised at its current
+    length, is no better than the worst of them (exact for alpha = 0, heuristic otherwise),
+    or once the sentence reached its budget (all its hypotheses were forced to EOS).
+
+    Args:
+        at_budget: (B,) bool, this step forced EOS.
+    """
+    length = beams.tokens.size(2)
+    best_live = beams.scores.max(dim=1).values / length_penalty(length, alpha)
+    return (best_live <= finished.scores[:, -1]) | at_budget
+
+
+def _flat_rows(parents: Tensor) -> Tensor:
+    """(B*K,) rows of the current (B*K)-row state that the new beam continues.
+
+    Args:
+        parents: (B, K) long, slot within each sentence's beam.
+    """
+    batch, k = parents.shape
+    offsets = torch.arange(batch, device=parents.device)[:, None] * k
+    return (offsets + parents).reshape(-1)
+
+
+def _pick(values: Tensor, index: Tensor) -> Tensor:
+    """Per-sentence gather along dim 1: (B, M, ...) with index (B, K) -> (B, K, ...)."""
+    batch = torch.arange(values.size(0), device=values.device)[:, None]
+    return values[batch, index]
+
+
+def _pad_dim2(values: Tensor, amount: int, fill: float) -> Tensor:
+    """Right-pad dim 2 of a (B, K, T, ...) tensor with ``fill``."""
+    if amount == 0:
+        return values
+    shape = list(values.shape)
+    shape[2] = amount
+    return torch.cat([values, values.new_full(shape, fill)], dim=2)
+
+
+def _beam_hypotheses(
+    finished: _Finished, src_lengths: Tensor, nbest: int
+) -> list[list[Hypothesis]]:
+    """Turn each sentence's best ``nbest`` finished slots into `Hypothesis` objects."""
+    lengths = finished.lengths.cpu().tolist()
+    scores = finished.scores.cpu().tolist()
+    log_probs = finished.log_probs.cpu().tolist()
+    tokens = finished.tokens.cpu()
+    results = []
+    for i, src_len in enumerate(src_lengths.cpu().tolist()):
+        hyps = []
+        for j in range(nbest):
+            if scores[i][j] == NEG_INF:
+                break
+            length = lengths[i][j]
+            attn = None
+            if finished.attention is not None:
+                attn = finished.attention[i, j, : length + 1, :src_len].float().cpu()
+            hyps.append(
+                Hypothesis(tokens[i, j, :length].tolist(), scores[i][j], log_probs[i][j], attn)
+            )
+        results.append(hyps)
+    return results

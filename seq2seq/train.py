@@ -1,0 +1,52 @@
+"""``seq2seq-train``: config -> Trainer -> bundle path and validation BLEU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from seq2seq.config import TrainApp, conf_dir, register_configs
+from seq2seq.trainer import Trainer
+
+register_configs()
+logger = logging.getLogger("seq2seq.train")
+
+
+class ProgressBar:
+    """Steps, loss and target tokens/s on stderr; records go to the log."""
+
+    def __init__(self) -> None:
+        self.bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def on_step(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(0)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "valid":
+            self.bar.write(
+                f"step {record['step']}: valid loss {record['loss']:.3f} "
+                f"ppl {record['ppl']:.2f} BLEU {record['bleu']:.2f}"
+            )
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, TrainApp)
+    run_dir = Path(config.run_dir)
+    trainer = Trainer.from_config(config, run_dir=run_dir, reporter=ProgressBar())
+    result = trainer.fit()
+    print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
+    print(f"best validation BLEU: {result.best_bleu:.2f}")
+    print(f"model bundle: {result.best}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""The training loop: teacher forcing, validation, early stopping, checkpoints, resume.
+
+Why resume is exact: batches come from ``(seed, epoch)`` alone and the trainer
+state holds the epoch and the position inside it, the optimiser, the
+scheduler and every RNG state. A run stopped after N steps and resumed
+reaches the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_model
+from torch import Tensor
+
+from seq2seq import bundle as bundle_io
+from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
+from seq2seq.config import OptimConfig, TrainApp
+from seq2seq.corpus import load_corpus
+from seq2seq.loss import masked_cross_entropy
+from seq2seq.metrics import bleu
+from seq2seq.model import Seq2Seq
+from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
+from seq2seq.translator import Translator, pick_device
+
+logger = logging.getLogger(__name__)
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+class Reporter(Protocol):
+    """Where progress goes; the app draws it, the library only calls it."""
+
+    def on_step(self, step: int, loss: float, tokens_per_s: float) -> None: ...
+
+    def on_record(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Where the bundles are and how training ended."""
+
+    best: Path
+    last: Path
+    best_bleu: float
+    steps: int
+    elapsed: float
+    stop_reason: str
+
+
+def build_optimizer(model: Seq2Seq, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over all parameters."""
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Scheduler | None:
+    """``plateau`` halves the rate when validation BLEU stalls; ``warmup`` ramps
+    linearly for ``warmup_steps`` then decays with the inverse square root."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="max",
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr,
+        )
+    if cfg.schedule == "warmup" and cfg.warmup_steps > 0:
+        warm = cfg.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warm, math.sqrt(warm / (step + 1)))
+        )
+    return None
+
+
+class Trainer:
+    """Trains a Seq2Seq model and writes ``best`` and ``last`` bundles to a run dir."""
+
+    def __init__(
+        self,
+        model: Seq2Seq,
+        tokenizer: Tokenizer,
+        config: TrainApp,
+        *,
+        train_pairs: list[Pair],
+        valid_pairs: list[Pair],
+        valid_src: list[str],
+        valid_ref: list[str],
+        run_dir: Path,
+        device: torch.device,
+        reporter: Reporter | None = None,
+    ) -> None:
+        if not train_pairs:
+            raise ValueError("no training pairs left after filtering; check data and filters")
+        t = config.train
+        if not (t.max_steps or t.max_epochs or t.max_time or t.patience):
+            raise ValueError(
+                "the run would never stop: set train.max_steps, train.max_epochs, "
+                "train.max_time or train.patience"
+            )
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.train_pairs = train_pairs
+        self.lengths = [(len(s), len(t) + 1) for s, t in train_pairs]
+        self.valid_pairs = valid_pairs
+        self.valid_src = valid_src
+        self.valid_ref = valid_ref
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.reporter = reporter
+        self.optimizer = build_optimizer(model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim)
+        self.step = self.epoch = self.position = self.bad_validations = 0
+        self.best_bleu = -1.0
+        self.elapsed = 0.0
+        self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_config(
+        cls, config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None
+    ) -> Trainer:
+        """Corpus -> tokenizer -> filtered id pairs -> seeded model -> trainer."""
+        t = config.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        corpus = load_corpus(config.data)
+        train, valid = corpus["train"], corpus["valid"]
+        tokenizer = train_or_load(train["src"], train["tgt"], config.tokenizer)
+        train_pairs = encode_pairs(
+            train["src"],
+            train["tgt"],
+            tokenizer,
+            max_length=config.data.max_length,
+            max_ratio=config.data.max_ratio,
+        )
+        valid_pairs = encode_pairs(valid["src"], valid["tgt"], tokenizer)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        model = Seq2Seq.from_config(
+            config.model,
+            src_vocab=tokenizer.src_vocab_size,
+            tgt_vocab=tokenizer.tgt_vocab_size,
+            pad_id=PAD_ID,
+        )
+        logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+        return cls(
+            model,
+            tokenizer,
+            config,
+            train_pairs=train_pairs,
+            valid_pairs=valid_pairs,
+            valid_src=list(valid["src"]),
+            valid_ref=list(valid["tgt"]),
+            run_dir=run_dir,
+            device=pick_device(t.device),
+            reporter=reporter,
+        )
+
+    # ----------------------------------------------------------------- public
+
+    def fit(self) -> FitResult:
+        """Train until a budget runs out or validation BLEU stops improving."""
+        t = self.config.train
+        self._maybe_resume()
+        start = time.monotonic() - self.elapsed
+        window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
+        reason = ""
+        while not reason:
+            batches = token_batches(
+                self.lengths, max_tokens=t.max_tokens, seed=t.seed, epoch=self.epoch
+            )
+            while self.position < len(batches) and not reason:
+                batch = collate([self.train_pairs[i] for i in batches[self.position]])
+                loss, tokens = self._train_step(batch.to(self.device))
+                self.position += 1
+                self.step += 1
+                window_loss, window_tokens = window_loss + loss, window_tokens + tokens
+                self.elapsed = time.monotonic() - start
+                if self.reporter:
+                    rate = window_tokens / max(1e-9, time.monotonic() - window_start)
+                    self.reporter.on_step(self.step, loss / max(1, tokens), rate)
+                if self.step % t.log_every == 0:
+                    self._log_train(window_loss, window_tokens, time.monotonic() - window_start)
+                    window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
+                if self.step % t.valid_every == 0:
+                    reason = self._validate_and_checkpoint(regular=True)
+                    window_start = time.monotonic()
+                reason = reason or self._budget_exhausted(len(batches))
+            if self.position >= len(batches):
+                self.epoch += 1
+                self.position = 0
+                reason = reason or self._budget_exhausted(len(batches))
+        if self.step % t.valid_every != 0:
+            self._validate_and_checkpoint(regular=False)
+        logger.info("training stopped at step %d: %s", self.step, reason)
+        return FitResult(
+            best=self.run_dir / "best",
+            last=self.run_dir / "last",
+            best_bleu=self.best_bleu,
+            steps=self.step,
+            elapsed=self.elapsed,
+            stop_reason=reason,
+        )
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss, perplexity and greedy BLEU (detokenised sacreBLEU)."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        lengths = [(len(s), len(t) + 1) for s, t in self.valid_pairs]
+        with torch.inference_mode(), self._autocast():
+            for idx in token_batches(lengths, max_tokens=self.config.train.max_tokens):
+                batch = collate([self.valid_pairs[i] for i in idx]).to(self.device)
+                logits, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
+                loss, n = masked_cross_entropy(logits, batch.tgt_out, pad_id=PAD_ID)
+                total, tokens = total + float(loss), tokens + n
+        limit = self.config.train.valid_max_sentences or len(self.valid_src)
+        translator = Translator(
+            self.model, self.tokenizer, self.config.decode, device=self.device
+        ).with_decode(beam_size=1, nbest=1)
+        hyps = translator.translate(self.valid_src[:limit])
+        loss = total / max(1, tokens)
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "bleu": bleu(hyps, self.valid_ref[:limit]),
+        }
+
+    # ---------------------------------------------------------------- one step
+
+    def _train_step(self, batch: Batch) -> tuple[float, int]:
+        t = self.config.train
+        self.model.train()
+        tgt_in = batch.tgt_in if t.teacher_forcing >= 1.0 else self._sampled_inputs(batch)
+        with self._autocast():
+            logits, _ = self.model(batch.src, batch.src_lengths, tgt_in)
+        loss, tokens = masked_cross_entropy(
+            logits, batch.tgt_out, pad_id=PAD_ID, label_smoothing=t.label_smoothing
+        )
+        (loss / tokens).backward()
+        if t.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            self.scheduler.step()
+        return float(loss.detach()), tokens
+
+    def _sampled_inputs(self, batch: Batch) -> Tensor:
+        """Scheduled sampling, in parallel (Mihaylova & Martins, 2019).
+
+        A first teacher-forced pass predicts every position; each decoder input
+        after BOS is then replaced by the model's own previous prediction with
+        probability ``1 - teacher_forcing``. The second pass (with gradients)
+        reads the mixed inputs, so the fused decoder needs no step loop.
+        """
+        with torch.no_grad(), self._autocast():
+            logits, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
+        predicted = logits.argmax(-1)[:, :-1]
+        gold = batch.tgt_in[:, 1:]
+        use_model = torch.rand(gold.shape, device=gold.device) >= self.config.train.teacher_forcing
+        use_model &= gold != PAD_ID
+        mixed = torch.where(use_model, predicted, gold)
+        return torch.cat([batch.tgt_in[:, :1], mixed], dim=1)
+
+    def _autocast(self) -> Any:
+        if self.config.train.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------ validation, budgets
+
+    def _validate_and_checkpoint(self, *, regular: bool) -> str:
+        """Validate, keep best and last; only regular validations drive the
+        scheduler and patience (the extra one at the end must not change what
+        a resumed run would do)."""
+        metrics = self.validate()
+        improved = metrics["bleu"] > self.best_bleu
+        if improved:
+            self.best_bleu = metrics["bleu"]
+        if regular:
+            self.bad_validations = 0 if improved else self.bad_validations + 1
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(metrics["bleu"])
+        self._record({"kind": "valid", **metrics, "best_bleu": self.best_bleu})
+        if improved:
+            self._save(self.run_dir / "best", with_state=False)
+        self._save(self.run_dir / "last", with_state=True)
+        patience = self.config.train.patience
+        if regular and patience and self.bad_validations >= patience:
+            return f"early stopping: no BLEU gain in {patience} validations"
+        return ""
+
+    def _budget_exhausted(self, epoch_batches: int) -> str:
+        t = self.config.train
+        if t.max_steps and self.step >= t.max_steps:
+            return f"max_steps={t.max_steps} reached"
+        if t.max_epochs and self.epoch + self.position / max(1, epoch_batches) >= t.max_epochs:
+            return f"max_epochs={t.max_epochs} reached"
+        if t.max_time and self.elapsed >= t.max_time:
+            return f"max_time={t.max_time:g}s reached"
+        return ""
+
+    def _log_train(self, loss: float, tokens: int, seconds: float) -> None:
+        self._record(
+            {
+                "kind": "train",
+                "loss": loss / max(1, tokens),
+                "tokens_per_s": tokens / max(1e-9, seconds),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+
+    def _record(self, fields: dict[str, Any]) -> None:
+        record = {"step": self.step, "epoch": self.epoch, "elapsed": round(self.elapsed, 2)}
+        record.update(fields)
+        self.records.append(record)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / bundle_io.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info("%s", record)
+        if self.reporter:
+            self.reporter.on_record(record)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def _save(self, path: Path, *, with_state: bool) -> None:
+        bundle_io.save(
+            path,
+            model=self.model,
+            config=self.config,
+            tokenizer=self.tokenizer,
+            metrics=self.records,
+            trainer_state=self._state() if with_state else None,
+        )
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "best_bleu": self.best_bleu,
+            "bad_validations": self.bad_validations,
+            "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _maybe_resume(self) -> None:
+        last = self.run_dir / "last"
+        if not self.config.train.resume:
+            return
+        try:
+            state = bundle_io.load_trainer_state(last)
+        except bundle_io.BundleError:
+            return
+        if state is None:
+            return
+        load_model(
+            self.model, str(bundle_io.resolve(last) / bundle_io.WEIGHTS), device=str(self.device)
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("step", "epoch", "position", "bad_validations"):
+            setattr(self, key, int(state[key]))
+        self.best_bleu = float(state["best_bleu"])
+        self.elapsed = float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.records = [r for r in bundle_io.load_metrics(self.run_dir) if r["step"] <= self.step]
+        bundle_io.atomic_write_bytes(
+            self.run_dir / bundle_io.METRICS,
+            "".join(json.dumps(r) + "\n" for r in self.records).encode(),
+        )
+        logger.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)

@@ -1,0 +1,260 @@
+"""``seq2seq-translate``: a model bundle and input lines -> one output line per input line.
+
+Usage::
+
+    seq2seq-translate model=BUNDLE [input=FILE] [output=FILE] [decode.beam_size=5]
+        [decode.batch_size=64] [decode.nbest=3] [scores=true] [alignments=FILE]
+        [attention_plot=DIR] [errors=replace] [device=cpu] [threads=4]
+
+``input`` defaults to stdin (``*.gz`` files are decompressed), ``output`` to stdout.
+Decoding settings come from this command's config (``conf/translate.yaml`` plus
+overrides), never from the bundle. Input must be UTF-8: an invalid byte sequence
+stops the run with ``error: FILE:LINE: ...`` on stderr and exit code 2, unless
+``errors=replace`` (invalid bytes become U+FFFD).
+
+Output formats (UTF-8, "\\n" line ends, tab-separated; stdout carries nothing else):
+
+* default: one translation per input line, in input order;
+* ``scores=true``: ``translation<TAB>score`` per input line;
+* ``decode.nbest=N`` with N > 1: up to N lines per input line, best first, each
+  ``index<TAB>translation<TAB>score`` where ``index`` is the 0-based input line
+  number (as in Moses n-best lists); fewer than N lines when the search finds fewer
+  distinct translations; ``scores`` is implied.
+
+``score`` is the search's ranking score, printed with 4 decimals: the GNMT
+length-normalised log-prob with beam search, the plain log-prob with greedy
+search (``decode=greedy`` or beam size 1). An empty or whitespace-only input line
+is not translated: it gives an empty translation with score 0 (one n-best line).
+
+``alignments=FILE`` writes JSON lines, one per input line, for the best translation::
+
+    {"src_pieces": [...], "tgt_pieces": [..., "</s>"], "attention": [[...], ...]}
+
+with one ``attention`` row per target piece (EOS included) and one column per
+source piece (after truncation to ``decode.max_input_tokens``); empty input lines
+give empty lists. ``attention_plot=DIR`` draws the same matrices as
+``DIR/000001.png``, ... named by the 1-based input line number (no file for empty
+lines); it needs matplotlib (``pip install seq2seq[plot]``).
+
+A progress bar (sentences/s) and log messages go to stderr; nothing is written
+into the current directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from seq2seq import plotting
+from seq2seq.config import TranslateApp, conf_dir, register_configs
+from seq2seq.translator import TextHypothesis, Translator
+
+register_configs()
+logger = logging.getLogger("seq2seq.translate")
+
+EMPTY_SCORE = 0.0  # printed for an untranslated empty input line
+
+
+class InputError(ValueError):
+    """The input cannot be read: missing file, invalid UTF-8, corrupt gzip."""
+
+
+# ------------------------------------------------------------------------------- input
+
+
+def read_input(path: str | None, *, errors: str = "strict") -> Iterator[str]:
+    """Lines of ``path`` (stdin when None; ``*.gz`` decompressed), without "\\n".
+
+    Why bytes: decoding each line ourselves lets an invalid byte sequence name its
+    line number (a text-mode reader decodes 8 KB blocks and cannot). Lines end at
+    "\\n" only, so a stray "\\r" or U+2028 cannot split a sentence; a leading BOM
+    is dropped.
+
+    Raises:
+        InputError: the file is missing or corrupt, or a line is not UTF-8 with
+            ``errors="strict"``.
+    """
+    name = path or "<stdin>"
+    with _open_bytes(path) as handle:
+        number = 0
+        try:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as e:
+                    raise InputError(
+                        f"{name}:{number}: not valid UTF-8 (byte {e.start + 1} of the line: "
+                        f"{e.reason}); fix the input or pass errors=replace"
+                    ) from e
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
+                yield line.removesuffix("\n")
+        except (EOFError, gzip.BadGzipFile) as e:
+            raise InputError(f"{name}: corrupt or truncated gzip after line {number}: {e}") from e
+
+
+@contextmanager
+def _open_bytes(path: str | None) -> Iterator[BinaryIO]:
+    if path is None:
+        yield sys.stdin.buffer
+        return
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"input file not found: {file}")
+    opened = gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb")
+    with opened as handle:
+        yield handle  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def format_lines(index: int, hyps: list[TextHypothesis], *, nbest: int, scores: bool) -> list[str]:
+    """The output lines (without "\\n") for input line ``index`` (0-based); see module doc."""
+    if nbest > 1:
+        best = [(h.text, h.score) for h in hyps] or [("", EMPTY_SCORE)]
+        return [f"{index}\t{_one_line(text)}\t{score:.4f}" for text, score in best]
+    text, score = (hyps[0].text, hyps[0].score) if hyps else ("", EMPTY_SCORE)
+    return [f"{_one_line(text)}\t{score:.4f}" if scores else _one_line(text)]
+
+
+def alignment_record(hyps: list[TextHypothesis]) -> dict[str, list]:
+    """JSON-ready pieces and attention of the best hypothesis (empty lists for no input)."""
+    if not hyps or hyps[0].attention is None:
+        return {"src_pieces": [], "tgt_pieces": [], "attention": []}
+    best = hyps[0]
+    assert best.attention is not None
+    rows = [[round(w, 4) for w in row] for row in best.attention.tolist()]
+    return {
+        "src_pieces": list(best.src_pieces),
+        "tgt_pieces": list(best.tgt_pieces),
+        "attention": rows,
+    }
+
+
+def _one_line(text: str) -> str:
+    """A translation can never break the one-line-per-input contract (or the TSV columns)."""
+    return text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+
+
+@dataclass
+class Sinks:
+    """Everywhere results go: translations, alignments, plots."""
+
+    out: TextIO
+    nbest: int
+    scores: bool
+    alignments: TextIO | None = None
+    plot_dir: Path | None = None
+
+    def write(self, index: int, hyps: list[TextHypothesis]) -> None:
+        """Write the results of input line ``index`` (0-based)."""
+        for line in format_lines(index, hyps, nbest=self.nbest, scores=self.scores):
+            self.out.write(line + "\n")
+        if self.alignments is not None:
+            self.alignments.write(json.dumps(alignment_record(hyps), ensure_ascii=False) + "\n")
+        if self.plot_dir is not None and hyps and hyps[0].attention is not None:
+            best = hyps[0]
+            plotting.plot_attention(
+                best.src_pieces,
+                best.tgt_pieces,
+                best.attention,
+                self.plot_dir / f"{index + 1:06d}.png",
+                title=f"line {index + 1}",
+            )
+
+
+@contextmanager
+def _open_output(path: str | None) -> Iterator[TextIO]:
+    """``path`` for writing (parents created), or stdout switched to UTF-8."""
+    if path is None:
+        reconfigure = getattr(sys.stdout, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(encoding="utf-8", errors="strict")
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    file = Path(path).expanduser()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("w", encoding="utf-8", newline="\n") as handle:
+        yield handle
+
+
+# --------------------------------------------------------------------------------- app
+
+
+def run(config: TranslateApp) -> int:
+    """Translate ``config.input`` into ``config.output``; returns the number of input lines."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    if config.attention_plot:
+        plotting.require_matplotlib()
+    translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
+    attention = bool(config.alignments or config.attention_plot)
+    start, count = time.perf_counter(), 0
+    with ExitStack() as stack:
+        sinks = Sinks(
+            out=stack.enter_context(_open_output(config.output)),
+            nbest=config.decode.nbest,
+            scores=config.scores,
+            alignments=stack.enter_context(_open_output(config.alignments))
+            if config.alignments
+            else None,
+            plot_dir=Path(config.attention_plot).expanduser() if config.attention_plot else None,
+        )
+        bar = stack.enter_context(
+            tqdm(
+                desc="translate", unit="sent", file=sys.stderr, mininterval=1.0, dynamic_ncols=True
+            )
+        )
+        lines = read_input(config.input, errors=config.errors)
+        for hyps in translator.translate_stream(
+            lines, chunk_size=config.chunk_size, attention=attention
+        ):
+            sinks.write(count, hyps)
+            count += 1
+            bar.update()
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "translated %d lines in %.1fs (%.1f lines/s)", count, elapsed, count / max(elapsed, 1e-9)
+    )
+    return count
+
+
+def _to_app(cfg: DictConfig) -> TranslateApp:
+    if OmegaConf.is_missing(cfg, "model"):
+        raise ValueError("no model given; pass model=BUNDLE_DIR")
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, TranslateApp)
+    return config
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(_to_app(cfg))
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, like other Unix filters.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Translate lines with a trained model: the code path shared by the CLI,
+the Python API and validation during training.
+
+Contract: exactly one result per input line, in input order. An empty or
+whitespace-only line gives an empty result without a model call; a line longer
+than ``decode.max_input_tokens`` pieces is truncated (with a warning naming the
+line), never dropped.
+
+Why sort: sentences are sorted by length before batching (little padding, fewer
+steps) and results are put back in input order, so callers never see the
+sorting. Search computes every sentence independently of its batch-mates, so
+neither the sorting nor ``decode.batch_size`` changes any output.
+
+Why chunks: `Translator.translate_stream` reads ``chunk_size`` lines at a time,
+so memory stays constant on inputs of any size while sorting still has enough
+lines to batch well.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from seq2seq import bundle as bundle_io
+from seq2seq.batching import pad
+from seq2seq.config import DecodeConfig
+from seq2seq.model import Seq2Seq
+from seq2seq.search import Hypothesis, beam_search, greedy
+from seq2seq.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+__all__ = ["TextHypothesis", "Translator", "check_decode", "pick_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}; choose one of auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def check_decode(decode: DecodeConfig) -> None:
+    """Fail before any input is read when decoding settings cannot work together."""
+    if decode.beam_size < 1:
+        raise ValueError(f"decode.beam_size={decode.beam_size}; it must be at least 1")
+    if not 1 <= decode.nbest <= decode.beam_size:
+        raise ValueError(
+            f"decode.nbest={decode.nbest} must be between 1 and "
+            f"decode.beam_size={decode.beam_size}; raise decode.beam_size"
+        )
+    if decode.batch_size < 1:
+        raise ValueError(f"decode.batch_size={decode.batch_size}; it must be at least 1")
+    if decode.max_input_tokens < 0:
+        raise ValueError(f"decode.max_input_tokens={decode.max_input_tokens}; use 0 for no limit")
+
+
+@dataclass(frozen=True)
+class TextHypothesis:
+    """One translation of one input line, with what alignment output needs.
+
+    Attributes:
+        text: the detokenised translation.
+        score: the ranking score (length-normalised log-prob for beam search, raw
+            log-prob for greedy).
+        log_prob: total log-prob of the tokens followed by EOS.
+        tokens: target ids without BOS and EOS.
+        src_pieces: the (possibly truncated) source pieces the model saw.
+        tgt_pieces: target pieces of ``tokens`` followed by the EOS piece, one per
+            attention row.
+        attention: (len(tgt_pieces), len(src_pieces)) on CPU, or None unless requested.
+    """
+
+    text: str
+    score: float
+    log_prob: float
+    tokens: tuple[int, ...]
+    src_pieces: tuple[str, ...]
+    tgt_pieces: tuple[str, ...]
+    attention: Tensor | None = None
+
+
+class Translator:
+    """A model, its tokenizer and decoding settings, ready to translate."""
+
+    def __init__(
+        self,
+        model: Seq2Seq,
+        tokenizer: Tokenizer,
+        decode: DecodeConfig,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        check_decode(decode)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decode = decode
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_bundle(
+        cls, path: str | Path, *, decode: DecodeConfig | None = None, device: str = "auto"
+    ) -> Translator:
+        """Load a bundle; decoding settings default to the ones it was trained with."""
+        dev = pick_device(device)
+        loaded = bundle_io.load(path, device=dev)
+        return cls(loaded.model, loaded.tokenizer, decode or loaded.config.decode, device=dev)
+
+    def with_decode(self, **changes: int | float) -> Translator:
+        """A translator sharing this model with some decoding settings changed."""
+        return Translator(
+            self.model, self.tokenizer, replace(self.decode, **changes), device=self.device
+        )
+
+    # ------------------------------------------------------------------ text in, text out
+
+    def translate(self, lines: Sequence[str]) -> list[str]:
+        """Best translation per line, detokenised, in input order."""
+        return [hyps[0].text if hyps else "" for hyps in self.hypotheses(lines)]
+
+    def hypotheses(
+        self, lines: Sequence[str], *, attention: bool = False
+    ) -> list[list[TextHypothesis]]:
+        """The n-best list per line, best first, in input order; empty lines give ``[]``."""
+        return self._hypotheses(lines, first_line=1, attention=attention)
+
+    def translate_stream(
+        self, lines: Iterable[str], *, chunk_size: int, attention: bool = False
+    ) -> Iterator[list[TextHypothesis]]:
+        """Like `hypotheses`, for inputs of any size: one n-best list per line, lazily.
+
+        Reads ``chunk_size`` lines, translates them (sorted by length inside the
+        chunk), yields their results in input order, and repeats; memory stays
+        bounded by one chunk. Outputs equal one `hypotheses` call on all lines.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size}; it must be at least 1")
+        it = iter(lines)
+        first_line = 1
+        while chunk := list(itertools.islice(it, chunk_size)):
+            yield from self._hypotheses(chunk, first_line=first_line, attention=attention)
+            first_line += len(chunk)
+
+    def _hypotheses(
+        self, lines: Sequence[str], *, first_line: int, attention: bool
+    ) -> list[list[TextHypothesis]]:
+        """`hypotheses` with line numbers counted from ``first_line`` in warnings."""
+        stripped = [line.strip() for line in lines]
+        src_ids = self._truncate(self.tokenizer.encode_src(stripped), first_line)
+        found = self.search_ids(src_ids, attention=attention)
+        results: list[list[TextHypothesis]] = []
+        for line, ids, hyps in zip(stripped, src_ids, found, strict=True):
+            src_pieces = tuple(self.tokenizer.src_pieces(line)[: len(ids)]) if hyps else ()
+            results.append([self._to_text(h, src_pieces) for h in hyps])
+        return results
+
+    def _truncate(self, src_ids: list[list[int]], first_line: int) -> list[list[int]]:
+        limit = self.decode.max_input_tokens
+        for i, ids in enumerate(src_ids):
+            if limit and len(ids) > limit:
+                logger.warning(
+                    "input line %d has %d pieces; truncated to decode.max_input_tokens=%d",
+                    first_line + i,
+                    len(ids),
+                    limit,
+                )
+                src_ids[i] = ids[:limit]
+        return src_ids
+
+    def _to_text(self, hyp: Hypothesis, src_pieces: tuple[str, ...]) -> TextHypothesis:
+        return TextHypothesis(
+            text=self.tokenizer.decode_tgt([hyp.tokens])[0].replace("\n", " "),
+            score=hyp.score,
+            log_prob=hyp.log_prob,
+            tokens=tuple(hyp.tokens),
+            src_pieces=src_pieces,
+            tgt_pieces=tuple(self.tokenizer.tgt_pieces([*hyp.tokens, EOS_ID])),
+            attention=hyp.attention,
+        )
+
+    # ------------------------------------------------------------------------ ids in, ids out
+
+    def search_ids(
+        self, src_ids: Sequence[Sequence[int]], *, attention: bool = False
+    ) -> list[list[Hypothesis]]:
+        """Search over id sequences, batched by length; empty inputs give ``[]``.
+
+        Args:
+            src_ids: source piece ids per sentence, without BOS/EOS, not truncated here.
+            attention: also return each hypothesis' attention rows.
+        """
+        results: list[list[Hypothesis]] = [[] for _ in src_ids]
+        order = sorted((i for i, s in enumerate(src_ids) if s), key=lambda i: len(src_ids[i]))
+        size = self.decode.batch_size
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
+                src, lengths = pad([src_ids[i] for i in batch])
+                hyps = self._search(src.to(self.device), lengths.to(self.device), attention)
+                for i, h in zip(batch, hyps, strict=True):
+                    results[i] = h
+        return results
+
+    def _search(self, src: Tensor, lengths: Tensor, attention: bool) -> list[list[Hypothesis]]:
+        """One padded batch through greedy (beam 1, 1-best: the fast path) or beam search.
+
+        Args:
+            src: (B, S) long, padded.
+            lengths: (B,) long.
+        """
+        d = self.decode
+        if d.beam_size == 1 and d.nbest == 1:
+            return greedy(
+                self.model,
+                src,
+                lengths,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                max_len_a=d.max_len_a,
+                max_len_b=d.max_len_b,
+                return_attention=attention,
+            )
+        return beam_search(
+            self.model,
+            src,
+            lengths,
+            beam_size=d.beam_size,
+            nbest=d.nbest,
+            alpha=d.alpha,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            max_len_a=d.max_len_a,
+            max_len_b=d.max_len_b,
+            return_attention=attention,
+        )

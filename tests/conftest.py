@@ -1,0 +1,59 @@
+"""Shared tiny fixtures: a generated corpus, a small tokenizer, a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq.builtin import generate_pairs
+from seq2seq.config import ModelConfig, TokenizerConfig
+from seq2seq.model import Seq2Seq
+from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def pairs() -> list[tuple[str, str]]:
+    return generate_pairs(200, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(pairs: list[tuple[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    cfg = TokenizerConfig(vocab_size=120, cache_dir=str(tmp_path_factory.mktemp("spm")))
+    return train_or_load([s for s, _ in pairs], [t for _, t in pairs], cfg)
+
+
+def tiny_model(
+    tokenizer: Tokenizer,
+    *,
+    seed: int = 0,
+    attention: str = "bahdanau",
+    cell: str = "gru",
+    **sizes: int,
+) -> Seq2Seq:
+    """A seeded model with hidden 16 (dropout off unless asked for)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        attention=attention,  # type: ignore[arg-type]
+        cell=cell,  # type: ignore[arg-type]
+        embedding_size=sizes.get("embedding_size", 8),
+        hidden_size=sizes.get("hidden_size", 16),
+        attention_size=sizes.get("attention_size", 8),
+        encoder_layers=sizes.get("encoder_layers", 1),
+        decoder_layers=sizes.get("decoder_layers", 1),
+        dropout=0.0,
+    )
+    return Seq2Seq.from_config(
+        cfg, src_vocab=tokenizer.src_vocab_size, tgt_vocab=tokenizer.tgt_vocab_size, pad_id=PAD_ID
+    ).eval()

@@ -1,0 +1,57 @@
+"""Every primary composes with every option of every group and builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from seq2seq.config import EvaluateApp, TrainApp, TranslateApp, conf_dir, register_configs
+from seq2seq.model import Seq2Seq
+
+register_configs()
+CONF = Path(conf_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "group", ["data", "tokenizer", "arch", "optim", "decode", "experiment", "debug"]
+)
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        overrides = [f"{group}={option}", "run_dir=x"]
+        if option == "files":
+            overrides += [
+                f"data.{s}.{side}=f" for s in ("train", "valid") for side in ("src", "tgt")
+            ]
+        config = OmegaConf.to_object(_compose("train", overrides))
+        assert isinstance(config, TrainApp)
+        Seq2Seq.from_config(config.model, src_vocab=50, tgt_vocab=60, pad_id=0)
+
+
+def test_unknown_keys_fail():
+    with pytest.raises(Exception, match="hiden_size"):
+        _compose("train", ["model.hiden_size=3", "run_dir=x"])
+
+
+def test_translate_and_evaluate_primaries():
+    assert isinstance(OmegaConf.to_object(_compose("translate", ["model=b"])), TranslateApp)
+    evaluate = OmegaConf.to_object(_compose("evaluate", ["hyp=h", "ref=[a,b]"]))
+    assert isinstance(evaluate, EvaluateApp) and evaluate.ref == ["a", "b"]
+
+
+def test_defaults_train_on_the_builtin_corpus_and_stop():
+    config = OmegaConf.to_object(_compose("train", ["run_dir=x"]))
+    assert config.data.format == "builtin"
+    t = config.train
+    assert t.max_steps or t.max_epochs or t.max_time or t.patience

@@ -1,0 +1,58 @@
+"""The one-way dependency order, checked on the imports themselves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
+
+# module -> the rank it sits at; a module may import only lower ranks
+RANK = {
+    "config": 0,
+    "metrics": 0,
+    "builtin": 1,
+    "corpus": 2,
+    "tokenizer": 2,
+    "batching": 3,
+    "model": 4,
+    "loss": 5,
+    "search": 5,
+    "bundle": 6,
+    "translator": 7,
+    "plotting": 7,
+    "trainer": 8,
+    "train": 9,
+    "translate": 9,
+    "evaluate": 9,
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seq2seq"):
+            parts = node.module.split(".")
+            found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("seq2seq."))
+    return found
+
+
+def test_every_module_has_a_rank():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules <= set(RANK), modules - set(RANK)
+
+
+def test_imports_only_go_down():
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        for dep in _imports(path):
+            assert RANK[dep] < RANK[path.stem] or dep == path.stem, f"{path.stem} imports {dep}"
+
+
+def test_only_apps_import_hydra_main():
+    for path in PACKAGE.glob("*.py"):
+        uses_hydra = "import hydra" in path.read_text()
+        assert not uses_hydra or RANK.get(path.stem, 9) == 9, path.stem

@@ -1,0 +1,48 @@
+"""The masked loss equals a hand computation over non-pad tokens only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seq2seq.loss import masked_cross_entropy
+
+PAD = 0
+
+
+def test_masked_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    target = torch.tensor([[3, 4, 5, PAD], [2, PAD, PAD, PAD]])
+    loss, n = masked_cross_entropy(logits, target, pad_id=PAD)
+    log_probs = torch.log_softmax(logits, -1)
+    by_hand = -sum(
+        log_probs[b, t, target[b, t]].item()
+        for b in range(2)
+        for t in range(4)
+        if target[b, t] != PAD
+    )
+    assert n == 4
+    assert math.isclose(loss.item(), by_hand, rel_tol=1e-6)
+
+
+def test_label_smoothing_by_hand_and_pad_ignored():
+    torch.manual_seed(1)
+    eps, vocab = 0.1, 6
+    logits = torch.randn(1, 3, vocab)
+    target = torch.tensor([[2, 5, PAD]])
+    loss, n = masked_cross_entropy(logits, target, pad_id=PAD, label_smoothing=eps)
+    log_probs = torch.log_softmax(logits, -1)
+    by_hand = 0.0
+    for t in range(2):
+        nll = -log_probs[0, t, target[0, t]].item()
+        uniform = -log_probs[0, t].mean().item()
+        by_hand += (1 - eps) * nll + eps * uniform
+    assert n == 2
+    assert math.isclose(loss.item(), by_hand, rel_tol=1e-5)
+    # changing the logits at the padded position changes nothing
+    logits[0, 2] += 100
+    assert torch.equal(
+        masked_cross_entropy(logits, target, pad_id=PAD, label_smoothing=eps)[0], loss
+    )
