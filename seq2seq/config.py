@@ -62,6 +62,7 @@ class Schedule(Choice):
 
 
 class Precision(Choice):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -205,7 +206,7 @@ class TrainingConfig:
     seed: int = 1234
     device: str = "auto"
     threads: int = 0
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.auto
     resume: bool = True
 
 

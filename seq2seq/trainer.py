@@ -84,6 +84,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Sched
     return None
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast.
+
+    ``auto`` picks bf16 where the hardware computes it natively (CUDA with
+    bf16 support, or a CPU whose oneDNN has native bf16 kernels: AVX-512 BF16
+    or AMX), where its matmuls run several times faster than fp32; elsewhere
+    bf16 would be emulated and slower, so fp32 is used. Weights, optimiser
+    state and the softmax stay in fp32 either way.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Trainer:
     """Trains a Seq2Seq model and writes ``best`` and ``last`` bundles to a run dir."""
 
@@ -120,6 +136,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = device
         self.reporter = reporter
+        self.use_bf16 = use_bf16(config.train.precision, device)
         self.optimizer = build_optimizer(model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = self.epoch = self.position = self.bad_validations = 0
@@ -275,7 +292,7 @@ class Trainer:
         return torch.cat([batch.tgt_in[:, :1], mixed], dim=1)
 
     def _autocast(self) -> Any:
-        if self.config.train.precision != "bf16":
+        if not self.use_bf16:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 

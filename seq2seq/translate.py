@@ -79,45 +79,44 @@ class InputError(ValueError):
 def read_input(path: str | None, *, errors: str = "strict") -> Iterator[str]:
     """Lines of ``path`` (stdin when None; ``*.gz`` decompressed), without "\\n".
 
-    Why bytes: decoding each line ourselves lets an invalid byte sequence name its
-    line number (a text-mode reader decodes 8 KB blocks and cannot). Lines end at
-    "\\n" only, so a stray "\\r" or U+2028 cannot split a sentence; a leading BOM
-    is dropped.
+    The file is opened at once (a missing file fails here), then read lazily. Why
+    bytes: decoding each line ourselves lets an invalid byte sequence name its line
+    number (a text-mode reader decodes 8 KB blocks and cannot). Lines end at "\\n"
+    only, so a stray "\\r" or U+2028 cannot split a sentence; a leading BOM is dropped.
 
     Raises:
         InputError: the file is missing or corrupt, or a line is not UTF-8 with
             ``errors="strict"``.
     """
-    name = path or "<stdin>"
-    with _open_bytes(path) as handle:
-        number = 0
-        try:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8", errors=errors)
-                except UnicodeDecodeError as e:
-                    raise InputError(
-                        f"{name}:{number}: not valid UTF-8 (byte {e.start + 1} of the line: "
-                        f"{e.reason}); fix the input or pass errors=replace"
-                    ) from e
-                if number == 1:
-                    line = line.removeprefix("\ufeff")
-                yield line.removesuffix("\n")
-        except (EOFError, gzip.BadGzipFile) as e:
-            raise InputError(f"{name}: corrupt or truncated gzip after line {number}: {e}") from e
-
-
-@contextmanager
-def _open_bytes(path: str | None) -> Iterator[BinaryIO]:
     if path is None:
-        yield sys.stdin.buffer
-        return
+        return _decode_lines(sys.stdin.buffer, "<stdin>", errors=errors, close=False)
     file = Path(path).expanduser()
     if not file.is_file():
         raise InputError(f"input file not found: {file}")
-    opened = gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb")
-    with opened as handle:
-        yield handle  # type: ignore[misc]
+    # closed by _decode_lines when exhausted or on error
+    handle = gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb")  # noqa: SIM115
+    return _decode_lines(handle, path, errors=errors, close=True)  # type: ignore[arg-type]
+
+
+def _decode_lines(handle: BinaryIO, name: str, *, errors: str, close: bool) -> Iterator[str]:
+    number = 0
+    try:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{name}:{number}: not valid UTF-8 (byte {e.start + 1} of the line: "
+                    f"{e.reason}); fix the input or pass errors=replace"
+                ) from e
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield line.removesuffix("\n")
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise InputError(f"{name}: corrupt or truncated gzip after line {number}: {e}") from e
+    finally:
+        if close:
+            handle.close()
 
 
 # ------------------------------------------------------------------------------ output
@@ -167,12 +166,13 @@ class Sinks:
             self.out.write(line + "\n")
         if self.alignments is not None:
             self.alignments.write(json.dumps(alignment_record(hyps), ensure_ascii=False) + "\n")
-        if self.plot_dir is not None and hyps and hyps[0].attention is not None:
+        weights = hyps[0].attention if hyps else None
+        if self.plot_dir is not None and weights is not None:
             best = hyps[0]
             plotting.plot_attention(
                 best.src_pieces,
                 best.tgt_pieces,
-                best.attention,
+                weights,
                 self.plot_dir / f"{index + 1:06d}.png",
                 title=f"line {index + 1}",
             )
@@ -204,6 +204,7 @@ def run(config: TranslateApp) -> int:
     if config.attention_plot:
         plotting.require_matplotlib()
     translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
+    lines = read_input(config.input, errors=str(config.errors))
     attention = bool(config.alignments or config.attention_plot)
     start, count = time.perf_counter(), 0
     with ExitStack() as stack:
@@ -217,21 +218,16 @@ def run(config: TranslateApp) -> int:
             plot_dir=Path(config.attention_plot).expanduser() if config.attention_plot else None,
         )
         bar = stack.enter_context(
-            tqdm(
-                desc="translate", unit="sent", file=sys.stderr, mininterval=1.0, dynamic_ncols=True
-            )
+            tqdm(desc="translate", unit="sent", file=sys.stderr, delay=1.0, dynamic_ncols=True)
         )
-        lines = read_input(config.input, errors=config.errors)
-        for hyps in translator.translate_stream(
+        stream = translator.translate_stream(
             lines, chunk_size=config.chunk_size, attention=attention
-        ):
-            sinks.write(count, hyps)
-            count += 1
+        )
+        for count, hyps in enumerate(stream, start=1):
+            sinks.write(count - 1, hyps)
             bar.update()
     elapsed = time.perf_counter() - start
-    logger.info(
-        "translated %d lines in %.1fs (%.1f lines/s)", count, elapsed, count / max(elapsed, 1e-9)
-    )
+    logger.info("translated %d lines in %.1fs (%.1f lines/s)", count, elapsed, count / elapsed)
     return count
 
 

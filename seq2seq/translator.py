@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -116,8 +117,12 @@ class Translator:
         loaded = bundle_io.load(path, device=dev)
         return cls(loaded.model, loaded.tokenizer, decode or loaded.config.decode, device=dev)
 
-    def with_decode(self, **changes: int | float) -> Translator:
-        """A translator sharing this model with some decoding settings changed."""
+    def with_decode(self, **changes: Any) -> Translator:
+        """A translator sharing this model with some decoding settings changed.
+
+        Args:
+            changes: `DecodeConfig` fields and their new values, e.g. ``beam_size=1``.
+        """
         return Translator(
             self.model, self.tokenizer, replace(self.decode, **changes), device=self.device
         )

@@ -1,0 +1,187 @@
+"""Speed benchmark: training tokens/s, decoding speed, peak memory, roofline.
+
+Each part runs in its own process, so peak RSS is that part's own:
+
+    python scripts/benchmark.py all --data-dir ../shared/data/multi30k \
+        --bundle runs/multi30k/.../best [--experiment multi30k_en_de] [--train-steps 150]
+
+* ``train``: builds the trainer exactly as ``seq2seq-train experiment=...`` does
+  (same data, pieces, sizes, batches, precision) and times real training steps
+  after a warm-up. Reports non-pad target tokens/s, and the achieved FLOP/s
+  (FLOPs of one step counted with ``torch.utils.flop_counter``) as a fraction
+  of this machine's fp32 and bf16 matmul peaks, measured in the same run.
+* ``decode``: translates a test file with ``seq2seq-translate`` in a child
+  process, greedy and beam 5 at batch 64, and reports sentences/s and target
+  tokens/s for the translation alone and for the whole process, plus its peak RSS.
+
+Nothing here is a test: speed is measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of a large square matmul: the practical compute ceiling."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seq2seq.batching import collate, token_batches
+    from seq2seq.config import conf_dir, register_configs
+    from seq2seq.trainer import Trainer
+
+    register_configs()
+    overrides = [f"experiment={args.experiment}", "run_dir=unused", *args.override]
+    if args.data_dir:
+        overrides.append(f"data.dir={args.data_dir}")
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        config = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer.from_config(config, run_dir=Path(run_dir))
+    t = config.train
+    batches = token_batches(trainer.lengths, max_tokens=t.max_tokens, seed=t.seed)
+    batch_list = [collate([trainer.train_pairs[i] for i in b]) for b in batches]
+    with FlopCounterMode(display=False) as counter:
+        trainer._train_step(batch_list[0].to(trainer.device))
+    flops_per_token = counter.get_total_flops() / batch_list[0].n_tokens
+    for batch in batch_list[1 : 1 + args.warmup]:
+        trainer._train_step(batch.to(trainer.device))
+    timed = batch_list[1 + args.warmup : 1 + args.warmup + args.train_steps]
+    tokens = sum(b.n_tokens for b in timed)
+    sentences = sum(b.src.size(0) for b in timed)
+    start = time.perf_counter()
+    for batch in timed:
+        trainer._train_step(batch.to(trainer.device))
+    seconds = time.perf_counter() - start
+    rate = tokens / seconds
+    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    achieved = flops_per_token * rate / 1e9
+    return {
+        "experiment": args.experiment,
+        "precision": "bf16" if trainer.use_bf16 else "fp32",
+        "parameters_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 2),
+        "steps": len(timed),
+        "sentences_per_batch": round(sentences / len(timed), 1),
+        "train_tgt_tokens_per_s": round(rate),
+        "train_sentences_per_s": round(sentences / seconds, 1),
+        "gflop_per_tgt_token": round(flops_per_token / 1e9, 4),
+        "achieved_gflops": round(achieved, 1),
+        "peak_gflops_fp32": round(fp32, 1),
+        "peak_gflops_bf16": round(bf16, 1),
+        "fraction_of_fp32_peak": round(achieved / fp32, 3),
+        "fraction_of_bf16_peak": round(achieved / bf16, 3),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def bench_decode(args: argparse.Namespace) -> list[dict]:
+    from seq2seq.corpus import read_lines
+    from seq2seq.translator import Translator
+
+    src = Path(args.data_dir) / f"{args.test_stem}.{args.src_lang}.gz"
+    lines = read_lines(src)
+    results = []
+    for name, beam in (("greedy", 1), ("beam5", 5)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "hyp.txt"
+            cmd = [
+                sys.executable,
+                "-m",
+                "seq2seq.translate",
+                f"model={args.bundle}",
+                f"input={src}",
+                f"output={out}",
+                f"decode.beam_size={beam}",
+                "decode.batch_size=64",
+                f"threads={args.threads}",
+            ]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+        torch.set_num_threads(args.threads)
+        translator = Translator.from_bundle(args.bundle, device="cpu").with_decode(
+            beam_size=beam, batch_size=64, nbest=1
+        )
+        start = time.perf_counter()
+        hyps = translator.hypotheses(lines)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+        results.append(
+            {
+                "search": name,
+                "sentences": len(lines),
+                "translate_s": round(seconds, 2),
+                "sentences_per_s": round(len(lines) / seconds, 1),
+                "tgt_tokens_per_s": round(tokens / seconds),
+                "process_wall_s": round(wall, 2),
+                "process_sentences_per_s": round(len(lines) / wall, 1),
+                "process_peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN)),
+            }
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["train", "decode", "all"])
+    parser.add_argument("--experiment", default="multi30k_en_de")
+    parser.add_argument("--data-dir", default=None, help="local corpus directory (data.dir)")
+    parser.add_argument("--bundle", default=None, help="trained bundle for the decode part")
+    parser.add_argument("--test-stem", default="test_2016_flickr")
+    parser.add_argument("--src-lang", default="en")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args()
+    if args.part == "all":
+        report = {}
+        for part in ("train", "decode"):
+            if part == "decode" and not args.bundle:
+                continue
+            cmd = [sys.executable, __file__, part, *sys.argv[2:]]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            report[part] = json.loads(out.strip().splitlines()[-1])
+    elif args.part == "train":
+        report = bench_train(args)
+    else:
+        if not args.bundle or not args.data_dir:
+            parser.error("decode needs --bundle and --data-dir")
+        report = bench_decode(args)
+    text = json.dumps(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
