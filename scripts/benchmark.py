@@ -149,6 +149,19 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _without_json(argv: list[str]) -> list[str]:
+    """The parent writes the combined report; children only print theirs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["train", "decode", "all"])
@@ -168,7 +181,7 @@ def main() -> None:
         for part in ("train", "decode"):
             if part == "decode" and not args.bundle:
                 continue
-            cmd = [sys.executable, __file__, part, *sys.argv[2:]]
+            cmd = [sys.executable, __file__, part, *_without_json(sys.argv[2:])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             report[part] = json.loads(out.strip().splitlines()[-1])
     elif args.part == "train":

@@ -224,6 +224,7 @@ class DecodeConfig:
     max_len_a: float = 1.5
     max_len_b: int = 10
     max_input_tokens: int = 250
+    precision: Precision = Precision.fp32
 
 
 # ------------------------------------------------------------------------- primaries

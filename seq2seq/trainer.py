@@ -30,7 +30,7 @@ from seq2seq.loss import masked_cross_entropy
 from seq2seq.metrics import bleu
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
-from seq2seq.translator import Translator, pick_device
+from seq2seq.translator import Translator, pick_device, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +82,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Sched
             optimizer, lambda step: min((step + 1) / warm, math.sqrt(warm / (step + 1)))
         )
     return None
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to train under bf16 autocast.
-
-    ``auto`` picks bf16 where the hardware computes it natively (CUDA with
-    bf16 support, or a CPU whose oneDNN has native bf16 kernels: AVX-512 BF16
-    or AMX), where its matmuls run several times faster than fp32; elsewhere
-    bf16 would be emulated and slower, so fp32 is used. Weights, optimiser
-    state and the softmax stay in fp32 either way.
-    """
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Trainer:

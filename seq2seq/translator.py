@@ -51,6 +51,25 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast (training, or search with decode.precision).
+
+    ``auto`` picks bf16 where the hardware computes it natively (CUDA with
+    bf16 support, or a CPU with AVX-512 BF16 or AMX), where its matmuls run
+    several times faster than fp32 (about 4x on the 2-core machine the README
+    reports on); elsewhere bf16 would be emulated, so fp32 is used. Weights,
+    optimiser state and the softmax stay in fp32 either way.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in native)
+
+
 def check_decode(decode: DecodeConfig) -> None:
     """Fail before any input is read when decoding settings cannot work together."""
     if decode.beam_size < 1:
@@ -208,7 +227,9 @@ class Translator:
         order = sorted((i for i, s in enumerate(src_ids) if s), key=lambda i: len(src_ids[i]))
         size = self.decode.batch_size
         self.model.eval()
-        with torch.inference_mode():
+        bf16 = use_bf16(self.decode.precision, self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with torch.inference_mode(), autocast:
             for start in range(0, len(order), size):
                 batch = order[start : start + size]
                 src, lengths = pad([src_ids[i] for i in batch])

@@ -12,6 +12,11 @@ from seq2seq.config import ModelConfig, TokenizerConfig
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
 
+# One thread: tiny models gain nothing from two, and a test run then never
+# fights a benchmark or another job for both cores (OpenMP spin-waits make an
+# oversubscribed run many times slower).
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 

@@ -59,20 +59,22 @@ def test_budget_is_required(tmp_path):
 
 @pytest.mark.slow
 def test_short_run_learns(tmp_path):
-    """About a minute on 2 cores: loss falls and BLEU clears 20.
+    """About 90 s on one thread: loss falls and BLEU clears 50.
 
-    Why 20: an untrained model scores about 0; copying the English source
+    Why 50: an untrained model scores about 0; copying the English source
     scores under 5 on this corpus (numbers and months are all translated), so
-    20 can only come from translating. The README's full default run reaches
-    97+, which is too slow for a test.
+    50 can only come from translating. This seeded run measured 0.5, 25 and
+    87 at steps 400, 800 and 1200, so 50 leaves room for other CPUs' float
+    rounding while still failing if learning slows. The README's full default
+    run reaches 97+, which is too slow for a test.
     """
     cfg = TrainApp(
         data=DataConfig(builtin=BuiltinConfig(train_size=3000, valid_size=100, test_size=20)),
-        tokenizer=TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "spm")),
+        tokenizer=TokenizerConfig(vocab_size=200, cache_dir=str(tmp_path / "spm")),
         model=ModelConfig(embedding_size=64, hidden_size=128, attention_size=64, dropout=0.1),
         optim=OptimConfig(lr=3e-3, schedule="constant"),
         train=TrainingConfig(
-            max_tokens=2000, max_time=50, valid_every=100, device="cpu", patience=0
+            max_tokens=1500, max_steps=1200, valid_every=400, device="cpu", patience=0
         ),
         run_dir=str(tmp_path / "run"),
     )
@@ -80,4 +82,4 @@ def test_short_run_learns(tmp_path):
     valid = [r for r in bundle.load_metrics(tmp_path / "run") if r["kind"] == "valid"]
     assert len(valid) >= 2
     assert valid[-1]["loss"] < valid[0]["loss"]
-    assert result.best_bleu > 20, json.dumps(valid)
+    assert result.best_bleu > 50, json.dumps(valid)
