@@ -32,15 +32,25 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of a large square matmul: the practical compute ceiling."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    for _ in range(3):
+def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) -> float:
+    """GFLOP/s of a large square matmul: the practical compute ceiling.
+
+    Why the size can shrink: a CPU without native bf16 emulates it about 100x
+    slower than fp32, and a 2048-square product would then take tens of
+    seconds; the peak is a rate, so a smaller product measures it just as well.
+    """
+    while True:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        start = time.perf_counter()
+        a @ b  # warm-up, and a probe of how slow this dtype is here
+        if time.perf_counter() - start < 0.5 or size <= 256:
+            break
+        size //= 2
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < min_seconds:
         a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
+        reps += 1
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
 
 

@@ -17,8 +17,10 @@ scores computed that way; the table header says so when they are used.
 
 With ``model=`` the source is translated first, with the decoding settings of this
 command's config (``conf/evaluate.yaml`` plus overrides, never the bundle's), and the
-hypotheses are written to ``hyp.txt`` in the directory of ``json=`` (the current
-directory without it), overwriting it; the path is printed before the table.
+hypotheses are written next to the report, named after it (``json=out/test_b5.json``
+gives ``out/test_b5.hyp.txt``, so reports with different settings keep their own), or
+to ``hyp.txt`` in the current directory without ``json=``; the path is printed before
+the table.
 
 Errors (missing files, invalid UTF-8, different line counts, which name both counts)
 print ``error: ...`` on stderr and exit with code 2.
@@ -52,9 +54,12 @@ HEADLINE = "cased detokenised sacreBLEU (tokenize=13a)"
 
 
 def hypothesis_path(config: EvaluateApp) -> Path:
-    """Where ``model=`` mode writes its hypotheses: ``hyp.txt`` next to ``json=``, else in cwd."""
-    directory = Path(config.json).expanduser().parent if config.json else Path.cwd()
-    return directory / HYP_FILE
+    """Where ``model=`` mode writes its hypotheses: ``<report stem>.hyp.txt`` next to
+    ``json=``, else ``hyp.txt`` in the current directory."""
+    if not config.json:
+        return Path.cwd() / HYP_FILE
+    report = Path(config.json).expanduser()
+    return report.with_name(f"{report.stem}.hyp.txt")
 
 
 def header(config: EvaluateApp) -> str:

@@ -386,7 +386,7 @@ def test_evaluate_model_translates_writes_hypotheses_and_scores(
         "decode=greedy",
     )  # fmt: skip
     assert code == 0, stderr
-    hyp = tmp_path / "eval" / "hyp.txt"
+    hyp = tmp_path / "eval" / "report.hyp.txt"
     assert f"hypotheses: {hyp}" in stdout
     translator = Translator(model, tokenizer, DecodeConfig(beam_size=1))
     assert read_lines(hyp) == translator.translate(read_lines(src))
