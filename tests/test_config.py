@@ -55,3 +55,19 @@ def test_defaults_train_on_the_builtin_corpus_and_stop():
     assert config.data.format == "builtin"
     t = config.train
     assert t.max_steps or t.max_epochs or t.max_time or t.patience
+
+
+@pytest.mark.parametrize("overrides", [[], ["optim=adamw", "tokenizer=bpe", "arch=luong"]])
+def test_corpus_recipe_is_not_undone_by_generic_groups(overrides):
+    """data/builtin.yaml sets vocabulary, sizes and learning rate for its corpus;
+    the generic tokenizer/optim/arch groups must not silently reset them."""
+    recipe = OmegaConf.load(CONF / "data" / "builtin.yaml")
+    config = _compose("train", ["run_dir=x", *overrides])
+    for group in ("tokenizer", "model", "optim", "train"):
+        for key, value in recipe[group].items():
+            assert config[group][key] == value, f"{group}.{key}"
+
+
+def test_command_line_beats_the_corpus_recipe():
+    config = _compose("train", ["run_dir=x", "tokenizer.vocab_size=123", "optim.lr=0.5"])
+    assert config.tokenizer.vocab_size == 123 and config.optim.lr == 0.5
