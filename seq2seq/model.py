@@ -31,7 +31,6 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -398,10 +397,11 @@ class Seq2Seq(nn.Module):
             enc: encoder output with N rows.
 
         Returns:
-            log-probabilities (N, V) in float32, the new state, attention (N, S).
+            logits (N, V) (search normalises only the scores it keeps), the new
+            state, attention (N, S).
         """
         logits, state, weights = self.decoder(prev_tokens[:, None], state, enc)
-        return F.log_softmax(logits[:, 0].float(), dim=-1), state, weights[:, 0]
+        return logits[:, 0], state, weights[:, 0]
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over whole target sequences.

@@ -88,12 +88,10 @@ def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell)
         state = model.init_state(enc)
         steps, attns = [], []
         for t in range(batch.tgt_in.size(1)):
-            log_probs, state, a = model.decode_step(batch.tgt_in[:, t], state, enc)
-            steps.append(log_probs)
+            step_logits, state, a = model.decode_step(batch.tgt_in[:, t], state, enc)
+            steps.append(step_logits)
             attns.append(a)
-    torch.testing.assert_close(
-        torch.stack(steps, 1), torch.log_softmax(logits, -1), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(attns, 1), attn, atol=1e-6, rtol=1e-5)
 
 

@@ -321,7 +321,8 @@ def exhaustive(model: ToyRNN, sentence: list[int], max_len: int) -> list[tuple[l
     outputs: list[tuple[list[int], float]] = []
 
     def expand(prefix: list[int], prev: int, state: ToyState, total: float) -> None:
-        log_probs, state, _ = model.decode_step(torch.tensor([prev]), state, enc)
+        logits, state, _ = model.decode_step(torch.tensor([prev]), state, enc)
+        log_probs = torch.log_softmax(logits, dim=-1)
         outputs.append((prefix, total + float(log_probs[0, TOY_EOS])))
         if len(prefix) < max_len:
             for token in range(TOY_VOCAB):
