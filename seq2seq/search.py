@@ -162,8 +162,9 @@ def greedy(
 ) -> list[list[Hypothesis]]:
     """Arg-max decoding of a batch: the fast path, with none of the beam bookkeeping.
 
-    Pinned to `beam_search` with ``beam_size=1`` by a test. Sentences that emitted EOS keep
-    being fed EOS (their outputs are frozen) until all are done or at the longest budget.
+    Pinned to `beam_search` with ``beam_size=1`` by a test. A sentence leaves the batch as
+    soon as it emits EOS (its encoder rows and state are dropped), so the remaining steps
+    only compute the sentences still being translated.
 
     Args:
         src: (B, S) long, padded.
@@ -173,28 +174,31 @@ def greedy(
         One single-hypothesis list per sentence; ``score`` is the raw log-prob.
     """
     with torch.inference_mode():
-        budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
+        batch, device = src.size(0), src.device
+        budget = max_lengths(src_lengths, max_len_a, max_len_b).to(device)
+        longest = int(budget.max()) + 1
         enc = model.encode(src, src_lengths)
         state = model.init_state(enc)
-        prev = torch.full((src.size(0),), bos_id, dtype=torch.long, device=src.device)
-        ended = torch.zeros_like(prev, dtype=torch.bool)
-        total = torch.zeros(prev.shape, device=src.device)
-        steps: list[Tensor] = []
-        attention: list[Tensor] = []
-        for step in range(int(budget.max()) + 1):
+        rows = torch.arange(batch, device=device)  # batch rows still being decoded
+        prev = torch.full((batch,), bos_id, dtype=torch.long, device=device)
+        tokens = torch.full((batch, longest), eos_id, dtype=torch.long, device=device)
+        total = torch.zeros(batch, device=device)
+        attention = torch.zeros(batch, longest, src.size(1)) if return_attention else None
+        for step in range(longest):
             logits, state, attn = model.decode_step(prev, state, enc)
             logits = logits.float()
-            best, prev = _force_eos(logits, step >= budget, eos_id).max(dim=-1)
-            best = best - torch.logsumexp(logits, dim=-1)
-            prev = prev.masked_fill(ended, eos_id)
-            total = total + best.masked_fill(ended, 0.0)
-            steps.append(prev)
-            attention.append(attn)
-            ended = ended | (prev == eos_id)
-            if bool(ended.all()):
+            best, prev = _force_eos(logits, step >= budget[rows], eos_id).max(dim=-1)
+            total[rows] = total[rows] + best - torch.logsumexp(logits, dim=-1)
+            tokens[rows, step] = prev
+            if attention is not None:
+                attention[rows.cpu(), step] = attn.float().cpu()
+            live = (prev != eos_id).nonzero().squeeze(1)
+            if live.numel() == 0:
                 break
-        attn_all = torch.stack(attention, dim=1) if return_attention else None
-        return _greedy_hypotheses(torch.stack(steps, dim=1), total, attn_all, src_lengths, eos_id)
+            if live.numel() < rows.numel():
+                rows, prev = rows[live], prev[live]
+                enc, state = enc.select(live), state.select(live)
+        return _greedy_hypotheses(tokens, total, attention, src_lengths, eos_id)
 
 
 def _greedy_hypotheses(
