@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -55,12 +56,16 @@ class EncoderOutput:
         keys: (B, S, A) or (B, S, H) key projections, computed once per batch.
         mask: (B, S) True on real source positions.
         context: (B, H) the context vector c.
+        context_gates: (B, 3H) the context vector's share of a one-layer GRU decoder's
+            input gates (bias included), computed once per sentence for search; (B, 0)
+            for other decoders.
     """
 
     states: Tensor
     keys: Tensor
     mask: Tensor
     context: Tensor
+    context_gates: Tensor
 
     def select(self, index: Tensor) -> EncoderOutput:
         """Rows picked by ``index`` (e.g. each sentence repeated per beam)."""
@@ -271,13 +276,44 @@ class Decoder(nn.Module):
             logits (B, T, V), the state after the last step, attention (B, T, S).
         """
         emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
-        context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
-        rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
-        outputs, new_state = self.rnn(rnn_in, state.as_rnn_state())  # (B, T, H)
+        if emb.size(1) == 1 and enc.context_gates.size(-1):
+            new_state = self._gru_step(emb[:, 0], state, enc.context_gates)
+            outputs = new_state.hidden.transpose(0, 1)  # (B, 1, H)
+        else:
+            context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
+            rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
+            outputs, rnn_state = self.rnn(rnn_in, state.as_rnn_state())  # (B, T, H)
+            new_state = DecoderState.from_rnn_state(rnn_state)
         readout, weights = self.attention(outputs, enc)
         fused = torch.cat([outputs, readout.to(outputs.dtype), emb], dim=-1)
         hidden = self.dropout(torch.tanh(self.deep_output(fused)))  # (B, T, E)
-        return self.generator(hidden), DecoderState.from_rnn_state(new_state), weights
+        return self.generator(hidden), new_state, weights
+
+    def context_gates(self, context: Tensor) -> Tensor:
+        """The context vector's share of the input gates, ``W_ih[:, E:] c + b_ih``.
+
+        Why: c is the same at every step, so search computes this product once per
+        sentence instead of once per step (it is two thirds of the GRU's input
+        projection at the default sizes). Only for a one-layer GRU; (B, 0) otherwise.
+        """
+        if self.cell != "gru" or self.layers != 1:
+            return context.new_zeros(context.size(0), 0)
+        emb_size = self.embed.embedding_dim
+        weight = self.rnn.weight_ih_l0[:, emb_size:]
+        return F.linear(context.to(weight.dtype), weight, self.rnn.bias_ih_l0)
+
+    def _gru_step(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> DecoderState:
+        """One step of the one-layer GRU (PyTorch's gate order r, z, n), reading the
+        precomputed ``context_gates``; equal to ``self.rnn`` on ``[emb; c]``."""
+        hidden = state.hidden[0]
+        gates_in = F.linear(emb, self.rnn.weight_ih_l0[:, : emb.size(-1)]) + context_gates
+        gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
+        in_r, in_z, in_n = gates_in.chunk(3, dim=-1)
+        h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
+        reset = torch.sigmoid(in_r + h_r)
+        update = torch.sigmoid(in_z + h_z)
+        candidate = torch.tanh(in_n + reset * h_n)
+        return DecoderState((candidate + update * (hidden - candidate))[None])
 
 
 # ------------------------------------------------------------------------- seq2seq
@@ -380,7 +416,13 @@ class Seq2Seq(nn.Module):
         mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
         context = torch.tanh(self.bridge(final))
         keys = self.decoder.attention.keys(states)
-        return EncoderOutput(states=states, keys=keys, mask=mask, context=context)
+        return EncoderOutput(
+            states=states,
+            keys=keys,
+            mask=mask,
+            context=context,
+            context_gates=self.decoder.context_gates(context),
+        )
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         """The decoder's state before the first target token."""

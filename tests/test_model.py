@@ -78,9 +78,10 @@ def test_attention_is_a_distribution_over_real_positions(tokenizer, pairs, atten
     assert attn.masked_select(padded[:, None, :].expand_as(attn)).abs().max() == 0
 
 
+@pytest.mark.parametrize("decoder_layers", [1, 2])  # 1-layer GRU: the precomputed-c step
 @pytest.mark.parametrize(("attention", "cell"), VARIANTS)
-def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell):
-    model = tiny_model(tokenizer, attention=attention, cell=cell, decoder_layers=2)
+def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell, decoder_layers):
+    model = tiny_model(tokenizer, attention=attention, cell=cell, decoder_layers=decoder_layers)
     batch = collate(_pairs(tokenizer, pairs))
     with torch.no_grad():
         logits, attn = model(batch.src, batch.src_lengths, batch.tgt_in)
