@@ -58,7 +58,7 @@ class EncoderOutput:
         context: (B, H) the context vector c.
         context_gates: (B, 3H) the context vector's share of a one-layer GRU decoder's
             input gates (bias included), computed once per sentence for search; (B, 0)
-            for other decoders.
+            for other decoders and in the teacher-forced pass.
     """
 
     states: Tensor
@@ -306,7 +306,8 @@ class Decoder(nn.Module):
         """One step of the one-layer GRU (PyTorch's gate order r, z, n), reading the
         precomputed ``context_gates``; equal to ``self.rnn`` on ``[emb; c]``."""
         hidden = state.hidden[0]
-        gates_in = F.linear(emb, self.rnn.weight_ih_l0[:, : emb.size(-1)]) + context_gates
+        emb_size = self.embed.embedding_dim
+        gates_in = F.linear(emb, self.rnn.weight_ih_l0[:, :emb_size]) + context_gates
         gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
         in_r, in_z, in_n = gates_in.chunk(3, dim=-1)
         h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
@@ -406,22 +407,25 @@ class Seq2Seq(nn.Module):
             self.decoder.embed.weight[self.pad_id].zero_()
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
-        """Encode once per batch: states, key projections, mask and context c.
+        """Encode once per batch for search: states, key projections, mask, context c
+        and c's share of the decoder's input gates (read by every `decode_step`).
 
         Args:
             src: (B, S) token ids, padded with ``pad_id``.
             src_lengths: (B,) real lengths, all >= 1.
         """
+        return self._encode(src, src_lengths, for_steps=True)
+
+    def _encode(self, src: Tensor, src_lengths: Tensor, *, for_steps: bool) -> EncoderOutput:
+        """``for_steps=False`` (the teacher-forced pass, whose fused decoder reads c
+        directly) skips the context gates, which only step-by-step decoding uses."""
         states, final = self.encoder(src, src_lengths)
         mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
         context = torch.tanh(self.bridge(final))
         keys = self.decoder.attention.keys(states)
+        gates = self.decoder.context_gates(context) if for_steps else context[:, :0]
         return EncoderOutput(
-            states=states,
-            keys=keys,
-            mask=mask,
-            context=context,
-            context_gates=self.decoder.context_gates(context),
+            states=states, keys=keys, mask=mask, context=context, context_gates=gates
         )
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
@@ -455,6 +459,6 @@ class Seq2Seq(nn.Module):
         Returns:
             logits (B, T, V) and attention weights (B, T, S).
         """
-        enc = self.encode(src, src_lengths)
+        enc = self._encode(src, src_lengths, for_steps=False)
         logits, _, weights = self.decoder(tgt_in, self.init_state(enc), enc)
         return logits, weights
