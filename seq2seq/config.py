@@ -202,6 +202,7 @@ class TrainingConfig:
     valid_every: int = 500
     valid_max_sentences: int = 0
     patience: int = 5
+    average_last: int = 0
     log_every: int = 50
     seed: int = 1234
     device: str = "auto"

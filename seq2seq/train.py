@@ -29,9 +29,9 @@ class ProgressBar:
         self.bar.update(0)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        if record["kind"] == "valid":
+        if record["kind"] in ("valid", "average"):
             self.bar.write(
-                f"step {record['step']}: valid loss {record['loss']:.3f} "
+                f"step {record['step']}: {record['kind']} loss {record['loss']:.3f} "
                 f"ppl {record['ppl']:.2f} BLEU {record['bleu']:.2f}"
             )
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_model
 from torch import Tensor
 
 from seq2seq import bundle as bundle_io
+from seq2seq import snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
 from seq2seq.config import OptimConfig, TrainApp
 from seq2seq.corpus import load_corpus
@@ -205,6 +206,7 @@ class Trainer:
                 reason = reason or self._budget_exhausted(len(batches))
         if self.step % t.valid_every != 0:
             self._validate_and_checkpoint(regular=False)
+        self._average_snapshots()
         logger.info("training stopped at step %d: %s", self.step, reason)
         return FitResult(
             best=self.run_dir / "best",
@@ -297,11 +299,39 @@ class Trainer:
         self._record({"kind": "valid", **metrics, "best_bleu": self.best_bleu})
         if improved:
             self._save(self.run_dir / "best", with_state=False)
+        if regular and self.config.train.average_last > 1:
+            snapshots.take_snapshot(
+                self.model, self.run_dir, self.step, keep=self.config.train.average_last
+            )
         self._save(self.run_dir / "last", with_state=True)
         patience = self.config.train.patience
         if regular and patience and self.bad_validations >= patience:
             return f"early stopping: no BLEU gain in {patience} validations"
         return ""
+
+    def _average_snapshots(self) -> None:
+        """Validate the mean of the last ``average_last`` snapshots, write it as
+        the ``average`` bundle, and make it ``best`` if it validates better.
+
+        The trained weights are put back afterwards, so ``last`` and the model
+        in memory stay what training reached.
+        """
+        files = snapshots.list_snapshots(self.run_dir)
+        if self.config.train.average_last < 2 or len(files) < 2:
+            return
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        snapshots.load_average(self.model, files)
+        metrics = self.validate()
+        improved = metrics["bleu"] > self.best_bleu
+        if improved:
+            self.best_bleu = metrics["bleu"]
+        self._record(
+            {"kind": "average", "snapshots": len(files), **metrics, "best_bleu": self.best_bleu}
+        )
+        self._save(self.run_dir / "average", with_state=False)
+        if improved:
+            self._save(self.run_dir / "best", with_state=False)
+        self.model.load_state_dict(trained)
 
     def _budget_exhausted(self, epoch_batches: int) -> str:
         t = self.config.train

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from seq2seq import bundle
+from seq2seq import bundle, snapshots
 from seq2seq.config import (
     BuiltinConfig,
     DataConfig,
@@ -36,20 +37,50 @@ def _weights(path):
 
 
 def test_resume_reaches_the_same_weights(tmp_path):
-    straight = _config(tmp_path / "a", max_steps=30, teacher_forcing=0.8)
+    common = {"teacher_forcing": 0.8, "average_last": 3}
+    straight = _config(tmp_path / "a", max_steps=30, **common)
     Trainer.from_config(straight, run_dir=tmp_path / "a/run").fit()
 
-    first = _config(tmp_path / "b", max_steps=17, teacher_forcing=0.8)
+    first = _config(tmp_path / "b", max_steps=17, **common)
     Trainer.from_config(first, run_dir=tmp_path / "b/run").fit()
-    second = _config(tmp_path / "b", max_steps=30, teacher_forcing=0.8)
+    second = _config(tmp_path / "b", max_steps=30, **common)
     result = Trainer.from_config(second, run_dir=tmp_path / "b/run").fit()
 
     assert result.steps == 30
-    a, b = _weights(tmp_path / "a/run/last"), _weights(tmp_path / "b/run/last")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for kind in ("last", "average"):
+        a, b = _weights(tmp_path / "a/run" / kind), _weights(tmp_path / "b/run" / kind)
+        for name in a:
+            assert torch.equal(a[name], b[name]), (kind, name)
     steps = [r["step"] for r in bundle.load_metrics(tmp_path / "b/run") if r["kind"] == "train"]
     assert steps == sorted(set(steps)), "metrics after the checkpoint are not duplicated"
+
+
+def test_average_is_the_mean_of_the_last_validations(tmp_path):
+    config = _config(tmp_path, max_steps=28, average_last=3)
+    trainer = Trainer.from_config(config, run_dir=tmp_path / "run")
+    result = trainer.fit()
+
+    kept = snapshots.list_snapshots(tmp_path / "run")
+    assert [p.name for p in kept] == [f"step_{s:09d}.safetensors" for s in (14, 21, 28)]
+    files = [load_file(str(p)) for p in kept]
+    averaged = _weights(tmp_path / "run/average")
+    for name in files[0]:
+        expected = sum(f[name].double() for f in files) / 3
+        assert torch.allclose(averaged[name].double(), expected, atol=1e-7), name
+    assert not torch.equal(
+        averaged["decoder.rnn.weight_hh_l0"], files[-1]["decoder.rnn.weight_hh_l0"]
+    ), "the average differs from the last snapshot"
+    last = _weights(tmp_path / "run/last")
+    assert torch.equal(
+        trainer.model.state_dict()["decoder.rnn.weight_hh_l0"].cpu(),
+        last["decoder.rnn.weight_hh_l0"],
+    ), "training weights are restored after averaging"
+
+    records = bundle.load_metrics(tmp_path / "run")
+    average = [r for r in records if r["kind"] == "average"]
+    valid = [r["bleu"] for r in records if r["kind"] == "valid"]
+    assert len(average) == 1 and average[0]["snapshots"] == 3
+    assert result.best_bleu == max([*valid, average[0]["bleu"]])
 
 
 def test_budget_is_required(tmp_path):
