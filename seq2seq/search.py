@@ -6,10 +6,10 @@ and objects that can pick their batch rows with ``select(index)`` — fairseq's
 
 Both searches keep the whole batch in tensors and never loop over sentences or hypotheses
 inside the step loop. A sentence's output never depends on its batch: its maximum length,
-its stopping decision and its finished hypotheses are all computed per sentence, and
-sentences that are done keep being stepped with ``-inf`` scores, which cannot produce
-candidates. (Rows of a finished sentence are not dropped, so ``enc`` rows never need
-reordering after the initial expansion to the beam.)
+its stopping decision and its finished hypotheses are all computed per sentence. A
+sentence that is done leaves the batch (its encoder rows, decoder state and beams are
+dropped), so late steps only compute the sentences still being searched; its finished
+hypotheses stay in a whole-batch table that the live sentences write into by index.
 
 Beam search, per step (fairseq's candidate rule):
 
@@ -243,6 +243,11 @@ class _Beams:
     parents: Tensor
     attention: Tensor | None
 
+    def select(self, keep: Tensor) -> _Beams:
+        """The beams of sentences ``keep`` ((A,) long) only."""
+        attention = None if self.attention is None else self.attention[keep]
+        return _Beams(self.tokens[keep], self.scores[keep], self.parents[keep], attention)
+
 
 @dataclass
 class _Finished:
@@ -261,6 +266,34 @@ class _Finished:
     log_probs: Tensor
     scores: Tensor
     attention: Tensor | None
+
+    def rows(self, index: Tensor) -> _Finished:
+        """The finished sets of sentences ``index`` ((A,) long)."""
+        attention = None if self.attention is None else self.attention[index]
+        return _Finished(
+            self.tokens[index],
+            self.lengths[index],
+            self.log_probs[index],
+            self.scores[index],
+            attention,
+        )
+
+    def with_rows(self, index: Tensor, part: _Finished) -> _Finished:
+        """A copy whose sentences ``index`` hold ``part`` instead."""
+
+        def put(full: Tensor, new: Tensor) -> Tensor:
+            return full.index_copy(0, index, new)
+
+        attention = None
+        if self.attention is not None and part.attention is not None:
+            attention = put(self.attention, part.attention)
+        return _Finished(
+            put(self.tokens, part.tokens),
+            put(self.lengths, part.lengths),
+            put(self.log_probs, part.log_probs),
+            put(self.scores, part.scores),
+            attention,
+        )
 
 
 @dataclass
@@ -313,18 +346,26 @@ def beam_search(
         state = model.init_state(enc)
         beams = _start_beams(batch, k, src.size(1), src.device, return_attention)
         finished = _no_finished(beams, int(budget.max()))
-        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        active = torch.arange(batch, device=src.device)  # sentences still searched
         for step in range(int(budget.max()) + 1):
             logits, state, attn = model.decode_step(_last_tokens(beams, bos_id), state, enc)
-            must_end = (step >= budget).repeat_interleave(k)
+            at_budget = step >= budget
+            must_end = at_budget.repeat_interleave(k)
             candidates = _top_candidates(beams.scores, logits.float(), must_end, eos_id)
-            finished = _finalise(finished, beams, candidates, attn, alpha=alpha, eos_id=eos_id)
+            finished = _finalise(
+                finished, active, beams, candidates, attn, alpha=alpha, eos_id=eos_id
+            )
             beams = _advance(beams, candidates, attn, eos_id=eos_id)
-            done = done | _is_done(finished, beams, step >= budget, alpha=alpha)
-            if bool(done.all()):
-                break
-            beams = _retire(beams, done)
-            state = state.select(_flat_rows(beams.parents))
+            done = _is_done(finished.scores[active], beams, at_budget, alpha=alpha)
+            rows = _flat_rows(beams.parents)
+            if bool(done.any()):
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero().squeeze(1)
+                active, budget, beams = active[keep], budget[keep], beams.select(keep)
+                rows = rows.view(-1, k)[keep].reshape(-1)
+                enc = enc.select(_beam_slots(keep, k))
+            state = state.select(rows)
         return _beam_hypotheses(finished, src_lengths, nbest)
 
 
@@ -340,6 +381,11 @@ def _check_beam_args(beam_size: int, nbest: int) -> None:
 def _beam_rows(batch: int, k: int, device: torch.device) -> Tensor:
     """(B*K,) row index that repeats every sentence K times: sentence b owns rows bK..bK+K-1."""
     return torch.arange(batch, device=device).repeat_interleave(k)
+
+
+def _beam_slots(sentences: Tensor, k: int) -> Tensor:
+    """(A*K,) rows of a (B*K)-row tensor that belong to ``sentences`` ((A,) long)."""
+    return (sentences[:, None] * k + torch.arange(k, device=sentences.device)).reshape(-1)
 
 
 def _start_beams(
@@ -407,6 +453,7 @@ def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: in
 
 def _finalise(
     finished: _Finished,
+    active: Tensor,
     beams: _Beams,
     candidates: _Candidates,
     step_attention: Tensor,
@@ -417,6 +464,7 @@ def _finalise(
     """Move EOS candidates ranked in the top K into the finished set, keeping the best K.
 
     Args:
+        active: (A,) long, the sentences (rows of ``finished``) that ``beams`` belong to.
         step_attention: (B*K, S) attention of this step, rows in the current beam order.
     """
     batch, k, length = beams.tokens.shape
@@ -437,7 +485,7 @@ def _finalise(
         scores=log_probs.masked_fill(~ends, NEG_INF) / length_penalty(length + 1, alpha),
         attention=attention,
     )
-    return _keep_best(finished, new)
+    return finished.with_rows(active, _keep_best(finished.rows(active), new))
 
 
 def _keep_best(old: _Finished, new: _Finished) -> _Finished:
@@ -485,20 +533,7 @@ def _advance(
     return _Beams(tokens=history, scores=scores, parents=origin, attention=attention)
 
 
-def _retire(beams: _Beams, done: Tensor) -> _Beams:
-    """Set the live scores of done sentences to ``-inf`` so they yield no more candidates.
-
-    Their rows are still stepped (cheaper than compacting the batch), but nothing they
-    produce can reach the finished set, so they cannot influence anything.
-
-    Args:
-        done: (B,) bool.
-    """
-    scores = beams.scores.masked_fill(done[:, None], NEG_INF)
-    return _Beams(beams.tokens, scores, beams.parents, beams.attention)
-
-
-def _is_done(finished: _Finished, beams: _Beams, at_budget: Tensor, *, alpha: float) -> Tensor:
+def _is_done(finished_scores: Tensor, beams: _Beams, at_budget: Tensor, *, alpha: float) -> Tensor:
     """(B,) bool: no live hypothesis of the sentence can still enter its finished set.
 
     True once K hypotheses are finished and the best live one, normalised at its current
@@ -506,11 +541,12 @@ def _is_done(finished: _Finished, beams: _Beams, at_budget: Tensor, *, alpha: fl
     or once the sentence reached its budget (all its hypotheses were forced to EOS).
 
     Args:
-        at_budget: (B,) bool, this step forced EOS.
+        finished_scores: (A, K) normalised scores of the sentences' finished sets.
+        at_budget: (A,) bool, this step forced EOS.
     """
     length = beams.tokens.size(2)
     best_live = beams.scores.max(dim=1).values / length_penalty(length, alpha)
-    return (best_live <= finished.scores[:, -1]) | at_budget
+    return (best_live <= finished_scores[:, -1]) | at_budget
 
 
 def _flat_rows(parents: Tensor) -> Tensor:
