@@ -19,6 +19,7 @@ RANK = {
     "loss": 5,
     "search": 5,
     "bundle": 6,
+    "snapshots": 6,
     "translator": 7,
     "plotting": 7,
     "trainer": 8,
