@@ -173,7 +173,7 @@ def greedy(
     Returns:
         One single-hypothesis list per sentence; ``score`` is the raw log-prob.
     """
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: see Translator.search_ids (bf16 casts)
         batch, device = src.size(0), src.device
         budget = max_lengths(src_lengths, max_len_a, max_len_b).to(device)
         longest = int(budget.max()) + 1
@@ -186,9 +186,9 @@ def greedy(
         attention = torch.zeros(batch, longest, src.size(1)) if return_attention else None
         for step in range(longest):
             logits, state, attn = model.decode_step(prev, state, enc)
-            logits = logits.float()
-            best, prev = _force_eos(logits, step >= budget[rows], eos_id).max(dim=-1)
-            total[rows] = total[rows] + best - torch.logsumexp(logits, dim=-1)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            best, prev = _force_eos(log_probs, step >= budget[rows], eos_id).max(dim=-1)
+            total[rows] = total[rows] + best
             tokens[rows, step] = prev
             if attention is not None:
                 attention[rows.cpu(), step] = attn.float().cpu()
@@ -339,7 +339,7 @@ def beam_search(
         Per sentence, up to ``nbest`` hypotheses, best score first.
     """
     _check_beam_args(beam_size, nbest)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: see Translator.search_ids (bf16 casts)
         batch, k = src.size(0), beam_size
         budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
         enc = model.encode(src, src_lengths).select(_beam_rows(batch, k, src.device))
@@ -432,9 +432,10 @@ def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: in
 
     2K guarantees K non-EOS candidates, since each beam contributes at most one EOS.
     Each of a sentence's top 2K extensions is among the top 2K tokens of its own beam,
-    so a per-row ``topk`` over the logits, normalised by the row's log-sum-exp, then a
-    ``topk`` over the K x 2K survivors gives the same candidates as ranking all K x V
-    log-probs, without writing any (N, V) tensor.
+    so a per-row ``topk`` over the log-probs, then a ``topk`` over the K x 2K survivors
+    gives the same candidates as ranking all K x V sums, without a (B, K x V) tensor.
+    ``log_softmax`` normalises in one fused pass, where ``logsumexp`` on CPU writes
+    (N, V) temporaries; the chosen tokens and scores are the same.
 
     Args:
         scores: (B, K) cumulative log-probs of the live hypotheses.
@@ -442,10 +443,10 @@ def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: in
         must_end: (B*K,) rows at their length budget: only EOS may follow.
     """
     batch, k = scores.shape
-    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_probs = torch.log_softmax(logits, dim=-1)
     width = min(2 * k, logits.size(-1))
-    row_best, row_tokens = _force_eos(logits, must_end, eos_id).topk(width, dim=-1)
-    totals = scores[:, :, None] + (row_best - norm).view(batch, k, width)
+    row_best, row_tokens = _force_eos(log_probs, must_end, eos_id).topk(width, dim=-1)
+    totals = scores[:, :, None] + row_best.view(batch, k, width)
     best, flat = totals.view(batch, k * width).topk(min(2 * k, k * width), dim=1)
     tokens = row_tokens.view(batch, k * width).gather(1, flat)
     return _Candidates(scores=best, beams=flat // width, tokens=tokens)

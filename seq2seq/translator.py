@@ -229,7 +229,9 @@ class Translator:
         self.model.eval()
         bf16 = use_bf16(self.decode.precision, self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        with torch.inference_mode(), autocast:
+        # no_grad, not inference_mode: autocast keeps its bf16 copies of the weights
+        # only outside inference mode; inside it, every step re-cast every weight.
+        with torch.no_grad(), autocast:
             for start in range(0, len(order), size):
                 batch = order[start : start + size]
                 src, lengths = pad([src_ids[i] for i in batch])

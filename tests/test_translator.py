@@ -142,11 +142,14 @@ def test_stream_rejects_bad_chunk_size(model, tokenizer):
 # ---------------------------------------------------------------------------- batching
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("beam_size", [1, 5])
-def test_translation_never_depends_on_batch_size(model, tokenizer, sentences, beam_size):
+def test_translation_never_depends_on_batch_size(model, tokenizer, sentences, beam_size, precision):
     results = []
     for batch_size in (1, 3, 64):
-        translator = make(model, tokenizer, beam_size=beam_size, batch_size=batch_size)
+        translator = make(
+            model, tokenizer, beam_size=beam_size, batch_size=batch_size, precision=precision
+        )
         results.append(translator.hypotheses(sentences))
     texts = [[hs[0].text for hs in r] for r in results]
     assert texts[0] == texts[1] == texts[2]
