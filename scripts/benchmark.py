@@ -12,7 +12,9 @@ Each part runs in its own process, so peak RSS is that part's own:
   of this machine's fp32 and bf16 matmul peaks, measured in the same run.
 * ``decode``: translates a test file, greedy and beam 5 at batch 64, in a child
   ``seq2seq-translate`` process (whole-process time and peak RSS) and in this
-  process (translation time alone), and reports sentences/s and target tokens/s.
+  process (translation time alone), and reports sentences/s and target tokens/s,
+  in ``--decode-precision`` (fp32, or bf16 autocast, which pays on CPUs with
+  native bf16).
   Each is the median of ``--reps`` runs: on a shared 2-core VM one run varied
   by up to 40% from the next.
 
@@ -131,7 +133,7 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
         walls = [_translate_process(args, src, beam) for _ in range(args.reps)]
         _set_threads(args.threads)
         translator = Translator.from_bundle(args.bundle, device="cpu").with_decode(
-            beam_size=beam, batch_size=64, nbest=1
+            beam_size=beam, batch_size=64, nbest=1, precision=args.decode_precision
         )
         times = []
         for _ in range(args.reps):
@@ -143,6 +145,7 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "search": name,
+                "precision": args.decode_precision,
                 "sentences": len(lines),
                 "reps": args.reps,
                 "translate_s": round(seconds, 2),
@@ -169,6 +172,7 @@ def _translate_process(args: argparse.Namespace, src: Path, beam: int) -> float:
             f"output={Path(tmp) / 'hyp.txt'}",
             f"decode.beam_size={beam}",
             "decode.batch_size=64",
+            f"decode.precision={args.decode_precision}",
             *([f"threads={args.threads}"] if args.threads else []),
         ]
         start = time.perf_counter()
@@ -200,6 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (default: torch's own choice)"
     )
+    parser.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--reps", type=int, default=3, help="decoding runs; medians reported")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=100)
