@@ -167,6 +167,7 @@ class ModelConfig:
     attention_size: int = 256
     dropout: float = 0.3
     tie_embeddings: bool = True
+    share_embeddings: bool = False
 
 
 # ------------------------------------------------------------------------- training

@@ -343,8 +343,14 @@ class Seq2Seq(nn.Module):
         attention_size: int = 256,
         dropout: float = 0.3,
         tie_embeddings: bool = True,
+        share_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        if share_embeddings and src_vocab != tgt_vocab:
+            raise ValueError(
+                f"model.share_embeddings needs one vocabulary for both sides "
+                f"(source {src_vocab}, target {tgt_vocab}); use tokenizer.joint=true"
+            )
         if hidden_size % 2:
             raise ValueError(f"model.hidden_size={hidden_size} must be even (H/2 per direction)")
         if cell not in _RNN_CLASSES:
@@ -372,6 +378,10 @@ class Seq2Seq(nn.Module):
             tie_embeddings=tie_embeddings,
             pad_id=pad_id,
         )
+        if share_embeddings:
+            # One table for source, target (and, tied, the output layer): names,
+            # numbers and cognates spelled alike in both languages learn once.
+            self.encoder.embed.weight = self.decoder.embed.weight
         self.reset_parameters()
 
     @classmethod
@@ -392,6 +402,7 @@ class Seq2Seq(nn.Module):
             attention_size=cfg.attention_size,
             dropout=cfg.dropout,
             tie_embeddings=cfg.tie_embeddings,
+            share_embeddings=cfg.share_embeddings,
         )
 
     def reset_parameters(self) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seq2seq import bundle
 from seq2seq.batching import collate
+from seq2seq.config import ModelConfig, TrainApp
 from seq2seq.loss import masked_cross_entropy
+from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID
 
 from .conftest import tiny_model
@@ -111,6 +114,26 @@ def test_state_select_reorders_rows(tokenizer, pairs):
 def test_tied_output_shares_the_target_embeddings(tokenizer):
     model = tiny_model(tokenizer)
     assert model.decoder.generator.weight is model.decoder.embed.weight
+
+
+def test_shared_embeddings_are_one_table_and_survive_a_bundle(tmp_path, tokenizer):
+    cfg = ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, share_embeddings=True)
+    vocab = tokenizer.tgt_vocab_size
+    model = Seq2Seq.from_config(cfg, src_vocab=vocab, tgt_vocab=vocab, pad_id=PAD_ID)
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    assert model.decoder.generator.weight is model.decoder.embed.weight
+    path = bundle.save(
+        tmp_path / "b",
+        model=model,
+        config=TrainApp(model=cfg, run_dir="unused"),
+        tokenizer=tokenizer,
+        metrics=[],
+    )
+    loaded = bundle.load(path).model
+    assert loaded.encoder.embed.weight is loaded.decoder.embed.weight
+    torch.testing.assert_close(loaded.encoder.embed.weight, model.encoder.embed.weight)
+    with pytest.raises(ValueError, match=r"tokenizer\.joint"):
+        Seq2Seq.from_config(cfg, src_vocab=vocab, tgt_vocab=vocab + 1, pad_id=PAD_ID)
 
 
 def test_bad_options_name_the_choices(tokenizer):
