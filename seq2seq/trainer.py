@@ -299,12 +299,7 @@ class Trainer:
         if regular:
             self.bad_validations = 0 if improved else self.bad_validations + 1
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                before = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step(metrics["bleu"])
-                if self.optimizer.param_groups[0]["lr"] < before:
-                    # A lower rate deserves its own patience: stopping two
-                    # validations after a decay throws away the decay's gain.
-                    self.bad_validations = 0
         self._record({"kind": "valid", **metrics, "best_bleu": self.best_bleu})
         if improved:
             self._save(self.run_dir / "best", with_state=False)

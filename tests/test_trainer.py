@@ -83,22 +83,6 @@ def test_average_is_the_mean_of_the_last_validations(tmp_path):
     assert result.best_bleu == max([*valid, average[0]["bleu"]])
 
 
-def test_a_learning_rate_decay_restarts_the_patience(tmp_path, monkeypatch):
-    """A flat validation BLEU decays the rate twice (down to min_lr), and each
-    decay gives the new rate its own ``patience`` validations before stopping."""
-    config = _config(tmp_path, max_steps=500, patience=2)
-    config.optim = OptimConfig(schedule="plateau", plateau_patience=0, lr=1e-3, min_lr=2.5e-4)
-    trainer = Trainer.from_config(config, run_dir=tmp_path / "run")
-    monkeypatch.setattr(trainer, "validate", lambda: {"loss": 1.0, "ppl": 2.7, "bleu": 5.0})
-    result = trainer.fit()
-
-    # validation 1 sets the best; 2 and 3 decay the rate; 4 and 5 exhaust patience
-    assert result.steps == 5 * 7, result.stop_reason
-    assert "early stopping" in result.stop_reason
-    rates = [r["lr"] for r in bundle.load_metrics(tmp_path / "run") if r["kind"] == "train"]
-    assert sorted(set(rates), reverse=True) == [1e-3, 5e-4, 2.5e-4]
-
-
 def test_budget_is_required(tmp_path):
     with pytest.raises(ValueError, match="never stop"):
         Trainer.from_config(_config(tmp_path, patience=0), run_dir=tmp_path / "run")
