@@ -157,10 +157,11 @@ class Attention(nn.Module):
 
     def _additive(self, query: Tensor, keys: Tensor) -> Tensor:
         q = self.query_proj(query)  # (B, T, A)
+        v = self.v.weight[0].to(q.dtype)
         batch, steps, size = q.shape
         chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
         parts = [
-            self.v(torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :])).squeeze(-1)
+            (torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) * v).sum(-1)
             for t in range(0, steps, chunk)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
