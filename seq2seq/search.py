@@ -8,7 +8,9 @@ Both searches keep the whole batch in tensors and never loop over sentences or h
 inside the step loop. A sentence's output never depends on its batch: its maximum length,
 its stopping decision and its finished hypotheses are all computed per sentence. A
 sentence that is done leaves the batch (its encoder rows, decoder state and beams are
-dropped), so late steps only compute the sentences still being searched; its finished
+dropped) as soon as a quarter of the rows are done (until then greedy pins it to EOS and
+beam search freezes its beam at ``-inf``), so late steps compute little more than the
+sentences still being searched, through few distinct batch shapes; its finished
 hypotheses stay in a whole-batch table that the live sentences write into by index.
 
 Beam search, per step (fairseq's candidate rule):
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 NEG_INF = -math.inf
-# Greedy drops finished sentences once at most this share of its rows is still
+# Search drops finished sentences once at most this share of its rows is still
 # live: every batch size a matmul sees costs a oneDNN primitive (time and, in
 # bf16, memory), so shrinking in a few large steps beats shrinking every step.
 _COMPACT_AT = 0.75
@@ -366,9 +368,15 @@ def beam_search(
             done = _is_done(finished.scores[active], beams, at_budget, alpha=alpha)
             rows = _flat_rows(beams.parents)
             if bool(done.any()):
-                if bool(done.all()):
-                    break
                 keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                if keep.numel() > _COMPACT_AT * done.numel():
+                    # Not worth a new batch shape yet: a -inf beam can add nothing
+                    # to its sentence's finished set, so the sentence is frozen.
+                    beams.scores = beams.scores.masked_fill(done[:, None], NEG_INF)
+                    state = state.select(rows)
+                    continue
                 active, budget, beams = active[keep], budget[keep], beams.select(keep)
                 rows = rows.view(-1, k)[keep].reshape(-1)
                 enc = enc.select(_beam_slots(keep, k))

@@ -188,17 +188,26 @@ def test_zero_budget_gives_the_empty_hypothesis(search: str) -> None:
     assert hyps[0].log_prob == pytest.approx(math.log(0.1))
 
 
-def test_done_sentence_ignores_longer_batch_mates() -> None:
-    """Once done, a sentence is frozen even though a batch-mate keeps the loop running."""
-    common = {"beam_size": 1, "alpha": 3.0, "bos_id": BOS, "eos_id": EOS}
+@pytest.mark.parametrize("talkative_mates", [1, 4])
+def test_done_sentence_ignores_longer_batch_mates(talkative_mates: int) -> None:
+    """Once done, a sentence is frozen even though batch-mates keep the loop running,
+    both when it leaves the batch at once (1 mate) and when it stays in it, frozen,
+    because too few rows are done to be worth a smaller batch (4 mates)."""
+    ids = {"bos_id": BOS, "eos_id": EOS}
+    common = {"beam_size": 1, "alpha": 3.0, **ids}
     budget = {"max_len_a": 0.0, "max_len_b": 5}
     src, lengths = scripted_batch(1, table_ids=(2,))
     [[alone]] = beam_search(ScriptedDecoder(), src, lengths, **common, **budget)
-    src, lengths = scripted_batch(1, 1, table_ids=(2, 1))
-    [[together], [talkative]] = beam_search(ScriptedDecoder(), src, lengths, **common, **budget)
+    sizes = (1,) * (1 + talkative_mates)
+    src, lengths = scripted_batch(*sizes, table_ids=(2,) + (1,) * talkative_mates)
+    [[together], *talkative] = beam_search(ScriptedDecoder(), src, lengths, **common, **budget)
     assert alone.tokens == together.tokens == [A]
     assert together.score == pytest.approx(alone.score)
-    assert talkative.tokens == [A] * 5
+    assert all(hyp.tokens == [A] * 5 for [hyp] in talkative)
+    [[g_alone]] = greedy(ScriptedDecoder(), *scripted_batch(1, table_ids=(2,)), **ids, **budget)
+    [[g_together], *_] = greedy(ScriptedDecoder(), src, lengths, **ids, **budget)
+    assert g_alone.tokens == g_together.tokens == [A]
+    assert g_together.log_prob == pytest.approx(g_alone.log_prob)
 
 
 def test_nbest_larger_than_beam_is_rejected() -> None:

@@ -83,6 +83,16 @@ def test_average_is_the_mean_of_the_last_validations(tmp_path):
     assert result.best_bleu == max([*valid, average[0]["bleu"]])
 
 
+def test_shared_embeddings_need_a_joint_vocabulary(tmp_path):
+    config = _config(tmp_path, max_steps=1)
+    config.model.share_embeddings = True
+    with pytest.raises(ValueError, match=r"tokenizer\.joint=true"):
+        Trainer.from_config(config, run_dir=tmp_path / "run")
+    config.tokenizer.joint = True
+    trainer = Trainer.from_config(config, run_dir=tmp_path / "run")
+    assert trainer.model.encoder.embed.weight is trainer.model.decoder.embed.weight
+
+
 def test_budget_is_required(tmp_path):
     with pytest.raises(ValueError, match="never stop"):
         Trainer.from_config(_config(tmp_path, patience=0), run_dir=tmp_path / "run")
