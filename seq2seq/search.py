@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 NEG_INF = -math.inf
-# Search drops finished sentences once at most this share of its rows is still
-# live: every batch size a matmul sees costs a oneDNN primitive (time and, in
-# bf16, memory), so shrinking in a few large steps beats shrinking every step.
-_COMPACT_AT = 0.75
 SelectableT = TypeVar("SelectableT", bound="Selectable")
 
 
@@ -134,6 +130,16 @@ def max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: int) -> Tensor
     return budget.clamp(min=0)
 
 
+def _worth_compacting(live: int, rows: int) -> bool:
+    """Drop finished sentences only once at most 3/4 of the rows are live.
+
+    Every batch size a matmul sees costs a oneDNN primitive (time and, in bf16,
+    memory), so shrinking the batch in a few large steps beats shrinking it at every
+    step; until then a finished sentence stays in the batch, frozen.
+    """
+    return live <= 0.75 * rows
+
+
 def _force_eos(logits: Tensor, must_end: Tensor, eos_id: int) -> Tensor:
     """Leave only EOS possible for rows at their length budget; EOS keeps its own score.
 
@@ -204,7 +210,7 @@ def greedy(
             live = alive.nonzero().squeeze(1)
             if live.numel() == 0:
                 break
-            if live.numel() <= _COMPACT_AT * rows.numel():
+            if _worth_compacting(live.numel(), rows.numel()):
                 rows, prev, alive = rows[live], prev[live], alive[live]
                 enc, state = enc.select(live), state.select(live)
         return _greedy_hypotheses(tokens, total, attention, src_lengths, eos_id)
@@ -371,15 +377,13 @@ def beam_search(
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
-                if keep.numel() > _COMPACT_AT * done.numel():
-                    # Not worth a new batch shape yet: a -inf beam can add nothing
-                    # to its sentence's finished set, so the sentence is frozen.
+                if _worth_compacting(keep.numel(), done.numel()):
+                    active, budget, beams = active[keep], budget[keep], beams.select(keep)
+                    rows = rows.view(-1, k)[keep].reshape(-1)
+                    enc = enc.select(_beam_slots(keep, k))
+                else:
+                    # A -inf beam can add nothing to its sentence's finished set.
                     beams.scores = beams.scores.masked_fill(done[:, None], NEG_INF)
-                    state = state.select(rows)
-                    continue
-                active, budget, beams = active[keep], budget[keep], beams.select(keep)
-                rows = rows.view(-1, k)[keep].reshape(-1)
-                enc = enc.select(_beam_slots(keep, k))
             state = state.select(rows)
         return _beam_hypotheses(finished, src_lengths, nbest)
 
