@@ -8,6 +8,10 @@ Layout::
     metrics.jsonl       training and validation metrics so far
     trainer_state.pt    optimiser/scheduler/RNG/position, checkpoints only
 
+An ensemble bundle instead holds ``ensemble.json`` (the member names) and one
+complete bundle per member in subdirectories, so it is self-contained: it can be
+moved or copied like any bundle, and ``load`` returns an `Ensemble` model.
+
 Why directories are swapped whole: a bundle is written into a fresh sibling
 directory, then renamed into place (the previous one is renamed aside first
 and deleted last). A kill at any moment leaves either the old or the new
@@ -22,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
 from seq2seq.config import TrainApp
+from seq2seq.ensemble import Ensemble
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer
 
@@ -40,6 +45,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.pt"
+ENSEMBLE = "ensemble.json"
 
 
 class BundleError(ValueError):
@@ -48,11 +54,14 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: configuration, tokenizer and model (in eval mode)."""
+    """A loaded bundle: configuration, tokenizer and model (in eval mode).
+
+    For an ensemble bundle, ``config`` is its first member's.
+    """
 
     config: TrainApp
     tokenizer: Tokenizer
-    model: Seq2Seq
+    model: Seq2Seq | Ensemble
     path: Path
 
 
@@ -94,12 +103,13 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 def resolve(path: str | Path) -> Path:
     """The bundle directory, or its set-aside copy if a swap was interrupted."""
     path = Path(path).expanduser()
-    if (path / WEIGHTS).is_file():
-        return path
     old = path.with_name(path.name + ".old")
-    if (old / WEIGHTS).is_file():
-        return old
-    raise BundleError(f"{path} is not a model bundle (no {WEIGHTS}); pass a bundle directory")
+    for candidate in (path, old):
+        if (candidate / WEIGHTS).is_file() or (candidate / ENSEMBLE).is_file():
+            return candidate
+    raise BundleError(
+        f"{path} is not a model bundle (no {WEIGHTS} or {ENSEMBLE}); pass a bundle directory"
+    )
 
 
 def save(
@@ -128,8 +138,46 @@ def save(
     return path
 
 
+def save_ensemble(path: str | Path, members: Sequence[str | Path]) -> Path:
+    """Write an ensemble bundle atomically: a copy of every member bundle and the
+    manifest naming them. Members must share their tokenizer (same vocabularies)."""
+    roots = [resolve(m) for m in members]
+    nested = [str(r) for r in roots if (r / ENSEMBLE).is_file()]
+    if nested:
+        raise BundleError(f"ensemble members must be single models; {nested} are ensembles")
+    if len(roots) < 2:
+        raise BundleError(f"an ensemble needs at least 2 member bundles, got {len(roots)}")
+    first = _spm_files(roots[0])
+    for root in roots[1:]:
+        if _spm_files(root) != first:
+            raise BundleError(
+                f"{root} and {roots[0]} have different SentencePiece models; "
+                "ensemble members must share one tokenizer"
+            )
+    names = [f"member{k}" for k in range(1, len(roots) + 1)]
+    with atomic_directory(Path(path)) as tmp:
+        for name, root in zip(names, roots, strict=True):
+            shutil.copytree(root, tmp / name, ignore=shutil.ignore_patterns(TRAINER_STATE))
+        (tmp / ENSEMBLE).write_text(json.dumps({"members": names}, indent=2) + "\n")
+    return Path(path)
+
+
+def ensemble_members(path: str | Path) -> list[Path] | None:
+    """The member bundle directories of an ensemble bundle, or None for a single model."""
+    root = resolve(path)
+    manifest = root / ENSEMBLE
+    if not manifest.is_file():
+        return None
+    names = json.loads(manifest.read_text())["members"]
+    return [root / name for name in names]
+
+
 def load_config(path: str | Path) -> TrainApp:
-    """The bundle's configuration, checked against the current schema."""
+    """The bundle's configuration (an ensemble's first member's), checked against
+    the current schema."""
+    members = ensemble_members(path)
+    if members:
+        return load_config(members[0])
     raw = OmegaConf.load(resolve(path) / CONFIG)
     merged = OmegaConf.merge(OmegaConf.structured(TrainApp), raw)
     config = OmegaConf.to_object(merged)
@@ -139,9 +187,17 @@ def load_config(path: str | Path) -> TrainApp:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
     """Load configuration, tokenizer and weights; the model is in eval mode."""
+    members = ensemble_members(path)
+    if members:
+        loaded = [load(m, device=device) for m in members]
+        models = [b.model for b in loaded]
+        if not all(isinstance(m, Seq2Seq) for m in models):
+            raise BundleError(f"{path}: an ensemble's members must be single models")
+        first = loaded[0]
+        return Bundle(first.config, first.tokenizer, Ensemble(models).eval(), resolve(path))
     root = resolve(path)
     config = load_config(root)
-    files = {p.name: p.read_bytes() for p in root.glob("*.spm")}
+    files = _spm_files(root)
     if not files:
         raise BundleError(f"{root} has no SentencePiece models (*.spm)")
     tokenizer = Tokenizer.from_serialized(files)
@@ -154,6 +210,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
     load_model(model, str(root / WEIGHTS), device=str(device))
     model.to(device).eval()
     return Bundle(config=config, tokenizer=tokenizer, model=model, path=root)
+
+
+def _spm_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*.spm"))}
 
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:

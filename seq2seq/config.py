@@ -191,7 +191,13 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
-    """The training loop: batches, budgets, validation, early stopping."""
+    """The training loop: batches, budgets, validation, early stopping.
+
+    ``ensemble`` > 1 trains that many members one after another (seeds ``seed``,
+    ``seed + 1``, ...; each in ``run_dir/memberK`` with ``max_time / ensemble``
+    seconds, so ``max_time`` stays the whole run's budget) and writes ``best`` as
+    an ensemble bundle that decodes with all of them.
+    """
 
     max_tokens: int = 4000
     teacher_forcing: float = 1.0
@@ -210,6 +216,7 @@ class TrainingConfig:
     threads: int = 0
     precision: Precision = Precision.auto
     resume: bool = True
+    ensemble: int = 1
 
 
 # ---------------------------------------------------------------------------- search

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from seq2seq.config import TrainApp, conf_dir, register_configs
-from seq2seq.trainer import Trainer
+from seq2seq.trainer import fit
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
@@ -29,7 +29,9 @@ class ProgressBar:
         self.bar.update(0)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        if record["kind"] in ("valid", "average"):
+        if record["kind"] == "ensemble":
+            self.bar.write(f"ensemble of {record['members']}: BLEU {record['bleu']:.2f}")
+        elif record["kind"] in ("valid", "average"):
             self.bar.write(
                 f"step {record['step']}: {record['kind']} loss {record['loss']:.3f} "
                 f"ppl {record['ppl']:.2f} BLEU {record['bleu']:.2f}"
@@ -41,8 +43,7 @@ def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_object(cfg)
     assert isinstance(config, TrainApp)
     run_dir = Path(config.run_dir)
-    trainer = Trainer.from_config(config, run_dir=run_dir, reporter=ProgressBar())
-    result = trainer.fit()
+    result = fit(config, run_dir=run_dir, reporter=ProgressBar())
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")
     print(f"model bundle: {result.best}")

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -232,17 +232,18 @@ class Trainer:
                 logits, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
                 loss, n = masked_cross_entropy(logits, batch.tgt_out, pad_id=PAD_ID)
                 total, tokens = total + float(loss), tokens + n
-        limit = self.config.train.valid_max_sentences or len(self.valid_src)
-        translator = Translator(
-            self.model, self.tokenizer, self.config.decode, device=self.device
-        ).with_decode(beam_size=1, nbest=1)
-        hyps = translator.translate(self.valid_src[:limit])
         loss = total / max(1, tokens)
-        return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "bleu": bleu(hyps, self.valid_ref[:limit]),
-        }
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bleu": self.greedy_bleu()}
+
+    def greedy_bleu(self) -> float:
+        """Greedy BLEU of the model being trained on (the first
+        ``train.valid_max_sentences`` of) the validation set."""
+        return greedy_bleu(
+            Translator(self.model, self.tokenizer, self.config.decode, device=self.device),
+            self.valid_src,
+            self.valid_ref,
+            limit=self.config.train.valid_max_sentences,
+        )
 
     # ---------------------------------------------------------------- one step
 
@@ -428,3 +429,84 @@ class Trainer:
             "".join(json.dumps(r) + "\n" for r in self.records).encode(),
         )
         logger.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)
+
+
+# ----------------------------------------------------------------------- ensembles
+
+FIT_RESULT = "fit.json"
+
+
+def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
+    """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`)."""
+    if config.train.ensemble > 1:
+        return fit_ensemble(config, run_dir=run_dir, reporter=reporter)
+    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter).fit()
+
+
+def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
+    """Train ``train.ensemble`` members one after another, then write ``best`` as an
+    ensemble bundle of their ``best`` bundles and record its validation BLEU.
+
+    Why sequential members with split time: ``max_time`` keeps meaning the whole
+    run's budget, and a crash loses at most the member in progress: finished
+    members leave ``fit.json`` and are skipped when the run is started again
+    (the member in progress resumes from its checkpoint like any run).
+    """
+    t = config.train
+    if t.ensemble < 2:
+        raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
+    results: list[FitResult] = []
+    for k in range(1, t.ensemble + 1):
+        member_dir = Path(run_dir) / f"member{k}"
+        member = replace(
+            config,
+            train=replace(t, seed=t.seed + k - 1, max_time=t.max_time / t.ensemble, ensemble=1),
+            run_dir=str(member_dir),
+        )
+        done = member_dir / FIT_RESULT
+        if t.resume and done.is_file():
+            logger.info("ensemble member %d already trained (%s)", k, done)
+            results.append(_read_fit_result(done))
+            continue
+        results.append(Trainer.from_config(member, run_dir=member_dir, reporter=reporter).fit())
+        bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
+    best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
+    device = pick_device(t.device)
+    loaded = bundle_io.load(best, device=device)
+    valid = load_corpus(config.data)["valid"]
+    translator = Translator(loaded.model, loaded.tokenizer, config.decode, device=device)
+    score = greedy_bleu(
+        translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences
+    )
+    record = {"kind": "ensemble", "members": t.ensemble, "bleu": score}
+    record["elapsed"] = round(sum(r.elapsed for r in results), 2)
+    with open(Path(run_dir) / bundle_io.METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    logger.info("%s", record)
+    if reporter:
+        reporter.on_record(record)
+    return FitResult(
+        best=best,
+        last=results[-1].last,
+        best_bleu=score,
+        steps=sum(r.steps for r in results),
+        elapsed=sum(r.elapsed for r in results),
+        stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
+    )
+
+
+def greedy_bleu(translator: Translator, src: list[str], ref: list[str], *, limit: int) -> float:
+    """Greedy BLEU on the first ``limit`` sentences (all when 0): what validation tracks."""
+    limit = limit or len(src)
+    greedy_translator = translator.with_decode(beam_size=1, nbest=1)
+    return bleu(greedy_translator.translate(src[:limit]), ref[:limit])
+
+
+def _fit_result_json(result: FitResult) -> bytes:
+    fields = asdict(result) | {"best": str(result.best), "last": str(result.last)}
+    return json.dumps(fields).encode()
+
+
+def _read_fit_result(path: Path) -> FitResult:
+    fields = json.loads(path.read_text())
+    return FitResult(**(fields | {"best": Path(fields["best"]), "last": Path(fields["last"])}))

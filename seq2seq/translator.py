@@ -31,6 +31,7 @@ from torch import Tensor
 from seq2seq import bundle as bundle_io
 from seq2seq.batching import pad
 from seq2seq.config import DecodeConfig
+from seq2seq.ensemble import Ensemble
 from seq2seq.model import Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy
 from seq2seq.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -115,7 +116,7 @@ class Translator:
 
     def __init__(
         self,
-        model: Seq2Seq,
+        model: Seq2Seq | Ensemble,
         tokenizer: Tokenizer,
         decode: DecodeConfig,
         *,

@@ -62,3 +62,16 @@ def tiny_model(
     return Seq2Seq.from_config(
         cfg, src_vocab=tokenizer.src_vocab_size, tgt_vocab=tokenizer.tgt_vocab_size, pad_id=PAD_ID
     ).eval()
+
+
+def lively_model(tokenizer: Tokenizer, *, seed: int = 1) -> Seq2Seq:
+    """The tiny model with weights scaled up, so outputs differ between inputs.
+
+    With the default small initialisation an untrained model emits one piece for every
+    input, which would make order and batching tests pass vacuously.
+    """
+    model = tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10.0)
+    return model

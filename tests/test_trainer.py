@@ -18,7 +18,8 @@ from seq2seq.config import (
     TrainApp,
     TrainingConfig,
 )
-from seq2seq.trainer import Trainer
+from seq2seq.ensemble import Ensemble
+from seq2seq.trainer import FIT_RESULT, Trainer, fit
 
 
 def _config(tmp_path, **train) -> TrainApp:
@@ -91,6 +92,31 @@ def test_shared_embeddings_need_a_joint_vocabulary(tmp_path):
     config.tokenizer.joint = True
     trainer = Trainer.from_config(config, run_dir=tmp_path / "run")
     assert trainer.model.encoder.embed.weight is trainer.model.decoder.embed.weight
+
+
+def test_ensemble_run_trains_seeded_members_on_a_split_budget(tmp_path):
+    config = _config(tmp_path, max_steps=14, max_time=600.0, ensemble=2)
+    result = fit(config, run_dir=tmp_path / "run")
+
+    run = tmp_path / "run"
+    members = [bundle.load_config(run / f"member{k}/best").train for k in (1, 2)]
+    assert [(m.seed, m.max_time, m.ensemble) for m in members] == [
+        (config.train.seed, 300.0, 1),
+        (config.train.seed + 1, 300.0, 1),
+    ]
+    first, second = _weights(run / "member1/last"), _weights(run / "member2/last")
+    assert not torch.equal(first["bridge.weight"], second["bridge.weight"])
+    assert isinstance(bundle.load(result.best).model, Ensemble)
+    assert result.steps == 28
+    [record] = [r for r in bundle.load_metrics(run) if r["kind"] == "ensemble"]
+    assert record["members"] == 2 and record["bleu"] == result.best_bleu
+
+    # Started again, finished members are skipped rather than trained on.
+    before = (run / "member1/last" / bundle.WEIGHTS).read_bytes()
+    (run / "member2" / FIT_RESULT).unlink()
+    again = fit(_config(tmp_path, max_steps=21, max_time=600.0, ensemble=2), run_dir=run)
+    assert (run / "member1/last" / bundle.WEIGHTS).read_bytes() == before
+    assert again.steps == 14 + 21
 
 
 def test_budget_is_required(tmp_path):

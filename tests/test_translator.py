@@ -14,22 +14,9 @@ from seq2seq.search import beam_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID
 from seq2seq.translator import TextHypothesis, Translator, check_decode, pick_device
 
-from .conftest import tiny_model
+from .conftest import lively_model
 
 LIMIT = 30  # decode.max_input_tokens in these tests
-
-
-def lively_model(tokenizer):
-    """The tiny model with weights scaled up, so outputs differ between inputs.
-
-    With the default small initialisation an untrained model emits one piece for every
-    input, which would make order and batching tests pass vacuously.
-    """
-    model = tiny_model(tokenizer, seed=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10.0)
-    return model
 
 
 @pytest.fixture(scope="module")
