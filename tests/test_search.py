@@ -35,7 +35,14 @@ TALKATIVE = {(A,) * n: {A: 0.9, EOS: 0.1} for n in range(10)}
 # K=1, alpha=3: "A" (0.6 * 0.6) is finished first and the live "A A" is no better at
 # length 2, so the sentence is done; "A A" + EOS (0.6 * 0.4 * 1.0) would win at length 3.
 STOPS_EARLY = {(): {A: 0.6, EOS: 0.4}, (A,): {EOS: 0.6, A: 0.4}, (A, A): {EOS: 1.0}}
-TABLES = [TABLE, TALKATIVE, STOPS_EARLY]  # picked by the first source token
+# K=2: after "A", three of the four best extensions continue "A" ("A EOS" .30, "A A" .18,
+# "B EOS" .15, "A B" .12), so the new beam needs the third-best token of one beam.
+CROWDED = {
+    (): {A: 0.6, B: 0.3, EOS: 0.1},
+    (A,): {EOS: 0.5, A: 0.3, B: 0.2},
+    (A, B): {EOS: 1.0},
+}
+TABLES = [TABLE, TALKATIVE, STOPS_EARLY, CROWDED]  # picked by the first source token
 
 
 def log_p(*steps: tuple[tuple[int, ...], int]) -> float:
@@ -152,6 +159,24 @@ def test_length_penalty_changes_the_winner() -> None:
     assert [h.log_prob for h in hyps] == pytest.approx([long_lp, short_lp])
     expected = [long_lp / ((5 + 3) / 6), short_lp / ((5 + 2) / 6)]
     assert [h.score for h in hyps] == pytest.approx(expected)
+
+
+def test_new_beam_may_take_one_beams_third_best_token() -> None:
+    src, lengths = scripted_batch(2, table_ids=(3,))
+    [hyps] = beam_search(
+        ScriptedDecoder(),
+        src,
+        lengths,
+        beam_size=2,
+        nbest=2,
+        alpha=0.0,
+        bos_id=BOS,
+        eos_id=EOS,
+        max_len_a=0.0,
+        max_len_b=10,
+    )
+    assert [h.tokens for h in hyps] == [[A], [A, B]]
+    assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.3), math.log(0.12)])
 
 
 def test_eos_is_forced_at_each_sentences_own_budget() -> None:
