@@ -194,9 +194,9 @@ class TrainingConfig:
     """The training loop: batches, budgets, validation, early stopping.
 
     ``ensemble`` > 1 trains that many members one after another (seeds ``seed``,
-    ``seed + 1``, ...; each in ``run_dir/memberK`` with ``max_time / ensemble``
-    seconds, so ``max_time`` stays the whole run's budget) and writes ``best`` as
-    an ensemble bundle that decodes with all of them.
+    ``seed + 1``, ...; each in ``run_dir/memberK`` with an even share of the time
+    left, so ``max_time`` stays the whole run's budget) and writes ``best`` as an
+    ensemble bundle that decodes with all of them.
     """
 
     max_tokens: int = 4000

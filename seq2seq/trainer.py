@@ -25,7 +25,7 @@ from torch import Tensor
 from seq2seq import bundle as bundle_io
 from seq2seq import snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
-from seq2seq.config import OptimConfig, TrainApp
+from seq2seq.config import OptimConfig, TrainApp, TrainingConfig
 from seq2seq.corpus import load_corpus
 from seq2seq.loss import masked_cross_entropy
 from seq2seq.metrics import bleu
@@ -448,7 +448,9 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
     ensemble bundle of their ``best`` bundles and record its validation BLEU.
 
     Why sequential members with split time: ``max_time`` keeps meaning the whole
-    run's budget, and a crash loses at most the member in progress: finished
+    run's budget (each member gets an even share of what is left, so a member that
+    stops early leaves its time to the next), and a crash loses at most the member
+    in progress: finished
     members leave ``fit.json`` and are skipped when the run is started again
     (the member in progress resumes from its checkpoint like any run).
     """
@@ -460,7 +462,7 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
         member_dir = Path(run_dir) / f"member{k}"
         member = replace(
             config,
-            train=replace(t, seed=t.seed + k - 1, max_time=t.max_time / t.ensemble, ensemble=1),
+            train=replace(t, seed=t.seed + k - 1, max_time=_member_time(t, results), ensemble=1),
             run_dir=str(member_dir),
         )
         done = member_dir / FIT_RESULT
@@ -493,6 +495,15 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
         elapsed=sum(r.elapsed for r in results),
         stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
     )
+
+
+def _member_time(t: TrainingConfig, done: list[FitResult]) -> float:
+    """The next member's share of what is left of ``max_time`` (0: no time limit), so
+    time a member saves by stopping early goes to the members after it."""
+    if not t.max_time:
+        return 0.0
+    left = t.max_time - sum(r.elapsed for r in done)
+    return max(1.0, left / (t.ensemble - len(done)))
 
 
 def greedy_bleu(translator: Translator, src: list[str], ref: list[str], *, limit: int) -> float:
