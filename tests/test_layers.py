@@ -18,6 +18,7 @@ RANK = {
     "model": 4,
     "loss": 5,
     "search": 5,
+    "ensemble": 5,
     "bundle": 6,
     "snapshots": 6,
     "translator": 7,
