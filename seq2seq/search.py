@@ -455,8 +455,8 @@ def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: in
     beam's (K+1)-th token has K better ones in its own beam, at most one of them EOS).
     So a per-row ``topk`` of width K + 1 over the log-probs, then a ``topk`` over the
     K x (K+1) survivors, gives the same beams and finished hypotheses as ranking all
-    K x V sums, without a (B, K x V) tensor (a narrower per-row ``topk`` is cheaper:
-    about 35% at K = 12).
+    K x V sums, without a (B, K x V) tensor. (Width K + 1 rather than 2K is less
+    work; end to end it measured within noise, at beam 5 and 12 alike.)
     ``log_softmax`` normalises in one fused pass, where ``logsumexp`` on CPU writes
     (N, V) temporaries; the chosen tokens and scores are the same.
 

@@ -62,9 +62,10 @@ def build_optimizer(model: Seq2Seq, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam or AdamW over all parameters, fused where this torch supports it.
 
     Why fused: the default CPU implementation loops over parameters with about
-    ten elementwise passes each; the fused kernel makes one. On the README's CPU
-    an 8M-parameter update took about 5 ms fused against 20 ms. Torch before 2.4
-    has no fused CPU kernel and refuses; the multi-tensor version is used then.
+    ten elementwise passes each; the fused kernel makes one. An 8M-parameter
+    update took about 5 ms fused against 20 ms in a microbenchmark, though whole
+    training steps measured within noise of each other. Torch before 2.4 has no
+    fused CPU kernel and refuses; the multi-tensor version is used then.
     """
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     params = list(model.parameters())
