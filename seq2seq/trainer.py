@@ -372,12 +372,7 @@ class Trainer:
         record = {"step": self.step, "epoch": self.epoch, "elapsed": round(self.elapsed, 2)}
         record.update(fields)
         self.records.append(record)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / bundle_io.METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        logger.info("%s", record)
-        if self.reporter:
-            self.reporter.on_record(record)
+        append_record(self.run_dir, record, self.reporter)
 
     # ------------------------------------------------------------- checkpoints
 
@@ -441,6 +436,16 @@ class Trainer:
         logger.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)
 
 
+def append_record(run_dir: Path, record: dict[str, Any], reporter: Reporter | None) -> None:
+    """Append one metrics record to ``run_dir/metrics.jsonl``, log it and report it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / bundle_io.METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    logger.info("%s", record)
+    if reporter:
+        reporter.on_record(record)
+
+
 # ----------------------------------------------------------------------- ensembles
 
 FIT_RESULT = "fit.json"
@@ -460,9 +465,9 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
     Why sequential members with split time: ``max_time`` keeps meaning the whole
     run's budget (each member gets an even share of what is left, so a member that
     stops early leaves its time to the next), and a crash loses at most the member
-    in progress: finished
-    members leave ``fit.json`` and are skipped when the run is started again
-    (the member in progress resumes from its checkpoint like any run).
+    in progress: finished members leave ``fit.json`` and are skipped when the run
+    is started again (the member in progress resumes from its checkpoint like any
+    run).
     """
     t = config.train
     if t.ensemble < 2:
@@ -490,19 +495,15 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
     score = greedy_bleu(
         translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences
     )
+    elapsed = sum(r.elapsed for r in results)
     record = {"kind": "ensemble", "members": t.ensemble, "bleu": score}
-    record["elapsed"] = round(sum(r.elapsed for r in results), 2)
-    with open(Path(run_dir) / bundle_io.METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    logger.info("%s", record)
-    if reporter:
-        reporter.on_record(record)
+    append_record(Path(run_dir), record | {"elapsed": round(elapsed, 2)}, reporter)
     return FitResult(
         best=best,
         last=results[-1].last,
         best_bleu=score,
         steps=sum(r.steps for r in results),
-        elapsed=sum(r.elapsed for r in results),
+        elapsed=elapsed,
         stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
     )
 

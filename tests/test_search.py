@@ -119,20 +119,26 @@ def test_greedy_follows_the_table() -> None:
     assert hyp.score == hyp.log_prob
 
 
-def test_nbest_order_and_scores_without_length_penalty() -> None:
-    src, lengths = scripted_batch(2)
+def two_best(table_id: int = 0, *, alpha: float) -> list[Hypothesis]:
+    """Beam 2, 2-best, no budget in the way, for one scripted sentence."""
+    src, lengths = scripted_batch(2, table_ids=(table_id,))
     [hyps] = beam_search(
         ScriptedDecoder(),
         src,
         lengths,
         beam_size=2,
         nbest=2,
-        alpha=0.0,
+        alpha=alpha,
         bos_id=BOS,
         eos_id=EOS,
         max_len_a=0.0,
         max_len_b=10,
     )
+    return hyps
+
+
+def test_nbest_order_and_scores_without_length_penalty() -> None:
+    hyps = two_best(alpha=0.0)
     assert [h.tokens for h in hyps] == [[A], [B, B]]
     expected = [log_p(((), A), ((A,), EOS)), log_p(((), B), ((B,), B), ((B, B), EOS))]
     assert [h.log_prob for h in hyps] == pytest.approx(expected)
@@ -140,19 +146,7 @@ def test_nbest_order_and_scores_without_length_penalty() -> None:
 
 
 def test_length_penalty_changes_the_winner() -> None:
-    src, lengths = scripted_batch(2)
-    [hyps] = beam_search(
-        ScriptedDecoder(),
-        src,
-        lengths,
-        beam_size=2,
-        nbest=2,
-        alpha=1.0,
-        bos_id=BOS,
-        eos_id=EOS,
-        max_len_a=0.0,
-        max_len_b=10,
-    )
+    hyps = two_best(alpha=1.0)
     assert [h.tokens for h in hyps] == [[B, B], [A]]
     long_lp = log_p(((), B), ((B,), B), ((B, B), EOS))
     short_lp = log_p(((), A), ((A,), EOS))
@@ -162,19 +156,7 @@ def test_length_penalty_changes_the_winner() -> None:
 
 
 def test_new_beam_may_take_one_beams_third_best_token() -> None:
-    src, lengths = scripted_batch(2, table_ids=(3,))
-    [hyps] = beam_search(
-        ScriptedDecoder(),
-        src,
-        lengths,
-        beam_size=2,
-        nbest=2,
-        alpha=0.0,
-        bos_id=BOS,
-        eos_id=EOS,
-        max_len_a=0.0,
-        max_len_b=10,
-    )
+    hyps = two_best(3, alpha=0.0)
     assert [h.tokens for h in hyps] == [[A], [A, B]]
     assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.3), math.log(0.12)])
 
