@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import ModelConfig
+from seq2seq.gru import gru_cell, gru_recurrence
 
 Cell = Literal["gru", "lstm", "rnn"]
 AttentionKind = Literal["bahdanau", "luong", "none"]
@@ -57,8 +58,8 @@ class EncoderOutput:
         mask: (B, S) True on real source positions.
         context: (B, H) the context vector c.
         context_gates: (B, 3H) the context vector's share of a one-layer GRU decoder's
-            input gates (bias included), computed once per sentence for search; (B, 0)
-            for other decoders and in the teacher-forced pass.
+            input gates (bias included), computed once per sentence; (B, 0) for
+            other decoders.
     """
 
     states: Tensor
@@ -280,6 +281,9 @@ class Decoder(nn.Module):
         if emb.size(1) == 1 and enc.context_gates.size(-1):
             new_state = self._gru_step(emb[:, 0], state, enc.context_gates)
             outputs = new_state.hidden.transpose(0, 1)  # (B, 1, H)
+        elif enc.context_gates.size(-1):
+            outputs = self._gru_steps(emb, state, enc.context_gates)
+            new_state = DecoderState(outputs[:, -1][None])
         else:
             context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
             rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
@@ -303,19 +307,34 @@ class Decoder(nn.Module):
         weight = self.rnn.weight_ih_l0[:, emb_size:]
         return F.linear(context.to(weight.dtype), weight, self.rnn.bias_ih_l0)
 
+    def _embedding_gates(self, emb: Tensor) -> Tensor:
+        """The embeddings' share of the input gates, ``W_ih[:, :E] emb``: (..., 3H)."""
+        return F.linear(emb, self.rnn.weight_ih_l0[:, : self.embed.embedding_dim])
+
     def _gru_step(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> DecoderState:
-        """One step of the one-layer GRU (PyTorch's gate order r, z, n), reading the
-        precomputed ``context_gates``; equal to ``self.rnn`` on ``[emb; c]``."""
+        """One step of the one-layer GRU, reading the precomputed ``context_gates``;
+        equal to ``self.rnn`` on ``[emb; c]``."""
         hidden = state.hidden[0]
-        emb_size = self.embed.embedding_dim
-        gates_in = F.linear(emb, self.rnn.weight_ih_l0[:, :emb_size]) + context_gates
         gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        in_r, in_z, in_n = gates_in.chunk(3, dim=-1)
-        h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
-        reset = torch.sigmoid(in_r + h_r)
-        update = torch.sigmoid(in_z + h_z)
-        candidate = torch.tanh(in_n + reset * h_n)
-        return DecoderState((candidate + update * (hidden - candidate))[None])
+        *_, new_hidden = gru_cell(self._embedding_gates(emb) + context_gates, gates_h, hidden)
+        return DecoderState(new_hidden[None])
+
+    def _gru_steps(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> Tensor:
+        """All T steps of the one-layer GRU at once (teacher forcing): (B, T, H).
+
+        The input gates of every step come from one matmul over the embeddings
+        plus c's share, computed once per sentence (``seq2seq.gru`` says why).
+        Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
+        """
+        gates_x = (self._embedding_gates(emb) + context_gates[:, None]).transpose(0, 1)
+        dtype = gates_x.dtype
+        states = gru_recurrence(
+            gates_x,
+            state.hidden[0].to(dtype),
+            self.rnn.weight_hh_l0.to(dtype),
+            self.rnn.bias_hh_l0.to(dtype),
+        )
+        return states.transpose(0, 1)
 
 
 # ------------------------------------------------------------------------- seq2seq
@@ -419,25 +438,22 @@ class Seq2Seq(nn.Module):
             self.decoder.embed.weight[self.pad_id].zero_()
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
-        """Encode once per batch for search: states, key projections, mask, context c
-        and c's share of the decoder's input gates (read by every `decode_step`).
+        """Encode once per batch: states, key projections, mask, context c and c's
+        share of the decoder's input gates (read by every decoder step).
 
         Args:
             src: (B, S) token ids, padded with ``pad_id``.
             src_lengths: (B,) real lengths, all >= 1.
         """
-        return self._encode(src, src_lengths, for_steps=True)
-
-    def _encode(self, src: Tensor, src_lengths: Tensor, *, for_steps: bool) -> EncoderOutput:
-        """``for_steps=False`` (the teacher-forced pass, whose fused decoder reads c
-        directly) skips the context gates, which only step-by-step decoding uses."""
         states, final = self.encoder(src, src_lengths)
         mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
         context = torch.tanh(self.bridge(final))
-        keys = self.decoder.attention.keys(states)
-        gates = self.decoder.context_gates(context) if for_steps else context[:, :0]
         return EncoderOutput(
-            states=states, keys=keys, mask=mask, context=context, context_gates=gates
+            states=states,
+            keys=self.decoder.attention.keys(states),
+            mask=mask,
+            context=context,
+            context_gates=self.decoder.context_gates(context),
         )
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
@@ -471,6 +487,6 @@ class Seq2Seq(nn.Module):
         Returns:
             logits (B, T, V) and attention weights (B, T, S).
         """
-        enc = self._encode(src, src_lengths, for_steps=False)
+        enc = self.encode(src, src_lengths)
         logits, _, weights = self.decoder(tgt_in, self.init_state(enc), enc)
         return logits, weights
