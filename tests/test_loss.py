@@ -46,3 +46,24 @@ def test_label_smoothing_by_hand_and_pad_ignored():
     assert torch.equal(
         masked_cross_entropy(logits, target, pad_id=PAD, label_smoothing=eps)[0], loss
     )
+
+
+def test_gradient_equals_pytorch_cross_entropy():
+    """The hand-written backward against autograd through PyTorch's own loss."""
+    torch.manual_seed(2)
+    target = torch.tensor([[2, 5, 1, PAD], [4, 3, PAD, PAD]])
+    for eps in (0.0, 0.1):
+        logits = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+        ours, _ = masked_cross_entropy(logits, target, pad_id=PAD, label_smoothing=eps)
+        (grad_ours,) = torch.autograd.grad(2.5 * ours, logits)
+        theirs = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 7),
+            target.reshape(-1),
+            ignore_index=PAD,
+            reduction="sum",
+            label_smoothing=eps,
+        )
+        (grad_theirs,) = torch.autograd.grad(2.5 * theirs, logits)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(grad_ours, grad_theirs)
+        assert grad_ours[1, 2:].abs().sum() == 0  # padding gets no gradient
