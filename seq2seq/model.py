@@ -100,6 +100,34 @@ class DecoderState:
         return DecoderState(state)
 
 
+# -------------------------------------------------------------------------- dropout
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (``nn.Dropout``'s semantics) with a cheaper random mask.
+
+    Why: on CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, which costs
+    about 2.5 times a uniform draw compared with ``p`` (4.4 against 1.8 ms for a
+    1,100 x 256 batch on a Zen 3 core pair); three dropouts per training step
+    made it the largest elementwise cost after the loss.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.dropout={p} must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 # ------------------------------------------------------------------------ attention
 
 
@@ -161,8 +189,8 @@ class Attention(nn.Module):
         v = self.v.weight[0].to(q.dtype)
         batch, steps, size = q.shape
         chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
-        parts = [
-            (torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) * v).sum(-1)
+        parts = [  # the sum over A as a matrix-vector product: no (B, t, S, A) product
+            torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) @ v
             for t in range(0, steps, chunk)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -187,7 +215,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = _RNN_CLASSES[cell](
             embedding_size,
             hidden_size // 2,
@@ -240,7 +268,7 @@ class Decoder(nn.Module):
         self.layers = layers
         self.cell = cell
         self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = _RNN_CLASSES[cell](
             embedding_size + hidden_size,
             hidden_size,

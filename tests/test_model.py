@@ -10,7 +10,7 @@ from seq2seq import bundle
 from seq2seq.batching import collate
 from seq2seq.config import ModelConfig, TrainApp
 from seq2seq.loss import masked_cross_entropy
-from seq2seq.model import Seq2Seq
+from seq2seq.model import Dropout, Seq2Seq
 from seq2seq.tokenizer import PAD_ID
 
 from .conftest import tiny_model
@@ -141,3 +141,17 @@ def test_bad_options_name_the_choices(tokenizer):
         tiny_model(tokenizer, attention="dot")
     with pytest.raises(ValueError, match="even"):
         tiny_model(tokenizer, hidden_size=15)
+
+
+def test_dropout_keeps_a_scaled_share_and_routes_gradients_through_it():
+    torch.manual_seed(0)
+    x = torch.rand(200, 50) + 1.0  # no zeros of its own
+    x.requires_grad_()
+    dropout = Dropout(0.3)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.02
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert torch.equal(dropout.eval()(x), x)
