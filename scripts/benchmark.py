@@ -73,6 +73,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
+    from seq2seq.allocator import retain_freed_memory
     from seq2seq.batching import collate, token_batches
     from seq2seq.config import conf_dir, register_configs
     from seq2seq.trainer import Trainer
@@ -84,6 +85,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         config = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
     _set_threads(args.threads)
+    retain_freed_memory()  # as seq2seq-train does
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer.from_config(config, run_dir=Path(run_dir))
     t = config.train

@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from seq2seq.allocator import retain_freed_memory
 from seq2seq.config import TrainApp, conf_dir, register_configs
 from seq2seq.trainer import fit
 
@@ -43,6 +44,7 @@ def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_object(cfg)
     assert isinstance(config, TrainApp)
     run_dir = Path(config.run_dir)
+    retain_freed_memory()
     result = fit(config, run_dir=run_dir, reporter=ProgressBar())
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")

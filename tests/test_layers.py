@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 
 # module -> the rank it sits at; a module may import only lower ranks
 RANK = {
+    "allocator": 0,
     "config": 0,
     "metrics": 0,
     "builtin": 1,
