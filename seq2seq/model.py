@@ -189,8 +189,8 @@ class Attention(nn.Module):
         v = self.v.weight[0].to(q.dtype)
         batch, steps, size = q.shape
         chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
-        parts = [  # the sum over A as a matrix-vector product: no (B, t, S, A) product
-            torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) @ v
+        parts = [
+            (torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) * v).sum(-1)
             for t in range(0, steps, chunk)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
