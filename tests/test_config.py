@@ -71,3 +71,11 @@ def test_corpus_recipe_is_not_undone_by_generic_groups(overrides):
 def test_command_line_beats_the_corpus_recipe():
     config = _compose("train", ["run_dir=x", "tokenizer.vocab_size=123", "optim.lr=0.5"])
     assert config.tokenizer.vocab_size == 123 and config.optim.lr == 0.5
+
+
+def test_the_25_minute_experiment_trains_one_model_in_its_budget():
+    """It inherits the 2-hour recipe, whose ensemble of 2 would split 24
+    minutes into two half-trained members."""
+    overrides = ["run_dir=x", "experiment=multi30k_en_de_25min"]
+    config = OmegaConf.to_object(_compose("train", overrides))
+    assert config.train.ensemble == 1 and config.train.max_time == 1440
