@@ -19,13 +19,12 @@ from torch import Tensor
 
 
 class _SmoothedNLL(torch.autograd.Function):
-    """Per-row label-smoothed NLL of (N, V) logits; 0 on padding rows."""
+    """Per-row label-smoothed NLL of (N, V) logits; 0 where ``real`` is False."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, pad_id: int, eps: float) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, target: Tensor, real: Tensor, eps: float) -> Tensor:
         wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32
         log_probs = torch.log_softmax(logits.to(wide), dim=-1)
-        real = target != pad_id
         picked = log_probs.gather(1, target[:, None])[:, 0]
         loss = -(1 - eps) * picked
         if eps > 0:
@@ -67,7 +66,6 @@ def masked_cross_entropy(
         (loss sum as a 0-dim tensor, number of real target tokens).
     """
     vocab = logits.size(-1)
-    rows = _SmoothedNLL.apply(
-        logits.reshape(-1, vocab), target.reshape(-1), pad_id, label_smoothing
-    )
-    return rows.sum(), int((target != pad_id).sum())
+    real = (target != pad_id).reshape(-1)
+    rows = _SmoothedNLL.apply(logits.reshape(-1, vocab), target.reshape(-1), real, label_smoothing)
+    return rows.sum(), int(real.sum())

@@ -325,9 +325,10 @@ class Decoder(nn.Module):
     def context_gates(self, context: Tensor) -> Tensor:
         """The context vector's share of the input gates, ``W_ih[:, E:] c + b_ih``.
 
-        Why: c is the same at every step, so search computes this product once per
-        sentence instead of once per step (it is two thirds of the GRU's input
-        projection at the default sizes). Only for a one-layer GRU; (B, 0) otherwise.
+        Why: c is the same at every step, so search and the teacher-forced pass
+        compute this product once per sentence instead of once per step (it is two
+        thirds of the GRU's input projection at the default sizes). Only for a
+        one-layer GRU; (B, 0) otherwise.
         """
         if self.cell != "gru" or self.layers != 1:
             return context.new_zeros(context.size(0), 0)
