@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seq2seq.additive import additive_scores
 from seq2seq.config import ModelConfig
 from seq2seq.gru import gru_cell, gru_recurrence
 
@@ -134,7 +135,8 @@ class Dropout(nn.Module):
 class Attention(nn.Module):
     """Scores decoder states against encoder keys; never looks at padding.
 
-    ``bahdanau``: ``score = v^T tanh(W_k h_s + W_q s_t)`` (Bahdanau et al., 2015).
+    ``bahdanau``: ``score = v^T tanh(W_k h_s + W_q s_t)`` (Bahdanau et al., 2015),
+    computed through a sigmoid for speed (``seq2seq.additive`` says why).
     ``luong``: ``score = s_t^T W h_s`` ("general", Luong et al., 2015).
     ``none``: no scores; the read-out is the context vector c and the reported
     weights are uniform over the real source positions.
@@ -189,10 +191,7 @@ class Attention(nn.Module):
         v = self.v.weight[0].to(q.dtype)
         batch, steps, size = q.shape
         chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
-        parts = [
-            (torch.tanh(keys[:, None, :, :] + q[:, t : t + chunk, None, :]) * v).sum(-1)
-            for t in range(0, steps, chunk)
-        ]
+        parts = [additive_scores(keys, q[:, t : t + chunk], v) for t in range(0, steps, chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -16,6 +16,7 @@ RANK = {
     "corpus": 2,
     "tokenizer": 2,
     "batching": 3,
+    "additive": 3,
     "gru": 3,
     "model": 4,
     "loss": 5,

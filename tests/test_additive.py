@@ -1,0 +1,54 @@
+"""The sigmoid form of the additive score against Bahdanau's tanh form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seq2seq.additive import additive_scores
+
+
+def _inputs(batch: int = 3, steps: int = 4, source: int = 5, size: int = 6):
+    torch.manual_seed(0)
+    keys = torch.randn(batch, source, size, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(batch, steps, size, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(size, dtype=torch.float64, requires_grad=True)
+    return keys, queries, v
+
+
+def _tanh_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (torch.tanh(keys[:, None] + queries[:, :, None]) * v).sum(-1)
+
+
+def test_scores_differ_from_the_tanh_form_by_a_constant():
+    keys, queries, v = _inputs()
+    shift = additive_scores(keys, queries, v) - _tanh_scores(keys, queries, v)
+    torch.testing.assert_close(shift, v.sum().expand_as(shift))
+
+
+def test_weights_and_gradients_match_the_tanh_form():
+    """Through the softmax over keys (as attention uses it) both forms agree in
+    the weights and in the gradient of every input."""
+    keys, queries, v = _inputs()
+    readout = torch.randn(3, 4, 5, dtype=torch.float64)  # a loss that weighs every weight
+    results = []
+    for scores in (_tanh_scores, additive_scores):
+        weights = torch.softmax(scores(keys, queries, v), dim=-1)
+        grads = torch.autograd.grad((weights * readout).sum(), [keys, queries, v])
+        results.append((weights, *grads))
+    for name, a, b in zip(["weights", "keys", "queries", "v"], *results, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("needed", [(True, False, False), (False, True, True)])
+def test_only_the_needed_gradients_are_returned(needed):
+    inputs = zip(_inputs(), needed, strict=True)
+    keys, queries, v = (t.detach().requires_grad_(n) for t, n in inputs)
+    upstream = torch.randn(3, 4, 5, dtype=torch.float64)
+    (additive_scores(keys, queries, v) * upstream).sum().backward()
+    expected = [t.detach().clone().requires_grad_() for t in (keys, queries, v)]
+    (additive_scores(*expected) * upstream).sum().backward()
+    for tensor, reference, need in zip((keys, queries, v), expected, needed, strict=True):
+        assert (tensor.grad is not None) == need
+        if need:
+            torch.testing.assert_close(tensor.grad, reference.grad)
