@@ -1,12 +1,14 @@
-"""A one-layer GRU over precomputed input gates, with a hand-written backward.
+"""One-layer GRUs over precomputed input gates, with a hand-written backward:
+the decoder's recurrence and the encoder's two directions.
 
-Why not ``nn.GRU``: the decoder reads ``[y_{t-1}; c]`` at every step, and c is
+Why not ``nn.GRU`` for the decoder: it reads ``[y_{t-1}; c]`` at every step, and c is
 the same for all steps of a sentence, so two thirds of the input projection
 (``W_ih[:, E:] c``) need computing once per sentence, not once per step. The
 fused ``nn.GRU`` only accepts the concatenated input, so it cannot skip that
 work; this recurrence takes the input gates ready-made. Its backward also
 computes the recurrent weight gradient with one large matmul over all steps
-instead of one small matmul per step.
+instead of one small matmul per step. For the encoder, ``bidirectional_gru``
+says why.
 
 The gate layout and equations are PyTorch's (r, z, n order):
 
@@ -28,58 +30,90 @@ import torch
 from torch import Tensor
 
 
-def gru_cell(gates_x: Tensor, gates_h: Tensor, hidden: Tensor) -> tuple[Tensor, ...]:
+def gru_cell(
+    gates_x: Tensor,
+    gates_h: Tensor,
+    hidden: Tensor,
+    *,
+    gates: Tensor | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One GRU update from both gate projections: (r, z, n, new hidden).
 
+    Why the buffers: the recurrence writes r | z | n straight into the slot it
+    saves for the backward and the new state into its output, so a step is six
+    operations with no copies; r and z share one add and one sigmoid.
+
     Args:
-        gates_x: (N, 3H) input gates ``W_ih x + b_ih``.
-        gates_h: (N, 3H) recurrent gates ``W_hh h + b_hh``.
-        hidden: (N, H) the state before the step.
+        gates_x: (..., N, 3H) input gates ``W_ih x + b_ih``.
+        gates_h: (..., N, 3H) recurrent gates ``W_hh h + b_hh``.
+        hidden: (..., N, H) the state before the step.
+        gates: optional (..., N, 3H) buffer (may be strided) that receives r | z | n.
+        out: optional (..., N, H) buffer for the new state.
     """
-    in_r, in_z, in_n = gates_x.chunk(3, dim=-1)
-    h_r, h_z, h_n = gates_h.chunk(3, dim=-1)
-    reset = torch.sigmoid(in_r + h_r)
-    update = torch.sigmoid(in_z + h_z)
-    candidate = torch.tanh(torch.addcmul(in_n, reset, h_n))
-    return reset, update, candidate, torch.lerp(candidate, hidden, update)
+    size = hidden.size(-1)
+    if gates is None:
+        gates = torch.empty_like(gates_x)
+    both = torch.add(gates_x[..., : 2 * size], gates_h[..., : 2 * size], out=gates[..., : 2 * size])
+    reset, update = both.sigmoid_().chunk(2, dim=-1)
+    candidate = torch.addcmul(
+        gates_x[..., 2 * size :], reset, gates_h[..., 2 * size :], out=gates[..., 2 * size :]
+    ).tanh_()
+    return reset, update, candidate, torch.lerp(candidate, hidden, update, out=out)
 
 
 class _Recurrence(torch.autograd.Function):
-    """Forward keeps r, z, n and ``W_hn h + b_hn`` per step for the backward."""
+    """D independent GRUs (D = 2 for the two directions of an encoder) stepped
+    together: one batched matmul per step for all of them. Forward keeps r, z, n
+    and ``W_hn h + b_hn`` per step for the backward."""
 
     @staticmethod
     def forward(ctx: Any, gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-        steps, (batch, size) = gates_x.size(0), h0.shape
-        states = gates_x.new_empty(steps + 1, batch, size)
-        states[0] = h0
-        saved = gates_x.new_empty(steps, batch, 4 * size)  # r | z | n | W_hn h + b_hn
-        w_t = w_hh.t()
+        dirs, steps, batch, size = *gates_x.shape[:3], h0.size(-1)
+        states = gates_x.new_empty(dirs, steps + 1, batch, size)
+        states[:, 0] = h0
+        saved = gates_x.new_empty(dirs, steps, batch, 4 * size)  # r | z | n | W_hn h + b_hn
+        w_t, bias = w_hh.transpose(1, 2), b_hh[:, None]
         for t in range(steps):
-            gates_h = torch.addmm(b_hh, states[t], w_t)
-            reset, update, candidate, states[t + 1] = gru_cell(gates_x[t], gates_h, states[t])
-            torch.cat([reset, update, candidate, gates_h[:, 2 * size :]], dim=-1, out=saved[t])
+            gates_h = torch.baddbmm(bias, states[:, t], w_t)
+            slot = saved[:, t]
+            gru_cell(
+                gates_x[:, t],
+                gates_h,
+                states[:, t],
+                gates=slot[..., : 3 * size],
+                out=states[:, t + 1],
+            )
+            slot[..., 3 * size :] = gates_h[..., 2 * size :]
         ctx.save_for_backward(states, saved, w_hh)
-        return states[1:]
+        return states[:, 1:]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         states, saved, w_hh = ctx.saved_tensors
-        steps, size = grad_out.size(0), states.size(-1)
-        grad_x = grad_out.new_empty(steps, grad_out.size(1), 3 * size)
-        grad_h_gates = torch.empty_like(grad_x)
-        grad_h = torch.zeros_like(states[0])
+        dirs, steps, batch, size = grad_out.shape
+        reset, update, candidate, h_n = saved.view(dirs, steps, batch, 4, size).unbind(3)
+        # How each gate's pre-activation moves per unit of gradient on the new
+        # state, for all steps at once; the loop then needs one product per step.
+        d_n = (1 - update) * (1 - candidate * candidate)
+        d_z = (states[:, :-1] - candidate) * update * (1 - update)
+        d_r = d_n * h_n * reset * (1 - reset)
+        # (D, T, N, 3, H): r | z | n, the latter as seen by W_hn h
+        factors = torch.stack([d_r, d_z, d_n * reset], dim=3)
+        grad_state = torch.empty_like(grad_out)  # total gradient on each new state
+        grad_h_gates = grad_out.new_empty(dirs, steps, batch, 3 * size)
+        grad_h = torch.zeros_like(states[:, 0])
         for t in range(steps - 1, -1, -1):
-            grad_h = grad_h + grad_out[t]
-            reset, update, candidate, h_n = saved[t].split(size, dim=-1)
-            d_n = grad_h * (1 - update) * (1 - candidate * candidate)
-            d_z = grad_h * (states[t] - candidate) * update * (1 - update)
-            d_r = d_n * h_n * reset * (1 - reset)
-            torch.cat([d_r, d_z, d_n], dim=-1, out=grad_x[t])
-            torch.cat([d_r, d_z, d_n * reset], dim=-1, out=grad_h_gates[t])
-            grad_h = torch.addmm(grad_h * update, grad_h_gates[t], w_hh)
-        flat = grad_h_gates.view(-1, 3 * size)
-        grad_w = flat.t() @ states[:-1].reshape(-1, size)
-        return grad_x, grad_h, grad_w, flat.sum(0)
+            grad = torch.add(grad_h, grad_out[:, t], out=grad_state[:, t])
+            torch.mul(
+                factors[:, t], grad[:, :, None], out=grad_h_gates[:, t].view(dirs, batch, 3, size)
+            )
+            grad_h = torch.baddbmm(grad * update[:, t], grad_h_gates[:, t], w_hh)
+        grad_x = grad_h_gates.clone()
+        torch.mul(grad_state, d_n, out=grad_x[..., 2 * size :])
+        flat = grad_h_gates.view(dirs, -1, 3 * size)
+        grad_w = flat.transpose(1, 2) @ states[:, :-1].reshape(dirs, -1, size)
+        return grad_x, grad_h, grad_w, flat.sum(1)
 
 
 def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
@@ -93,4 +127,48 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> T
     Returns:
         (T, N, H) the state after every step.
     """
-    return _Recurrence.apply(gates_x.contiguous(), h0.contiguous(), w_hh, b_hh)
+    return _Recurrence.apply(gates_x[None].contiguous(), h0[None], w_hh[None], b_hh[None])[0]
+
+
+def bidirectional_gru(
+    x: Tensor, lengths: Tensor, w_ih: Tensor, b_ih: Tensor, w_hh: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A one-layer bidirectional GRU over a padded batch, equal to ``nn.GRU`` on
+    the packed sequences: padding never changes a sentence's states.
+
+    Why not ``nn.GRU``: on CPU its packed path runs each direction's step as a
+    dozen small autograd operations, so a training step spent longer in the
+    encoder (a quarter of the decoder's FLOPs) than in the decoder's recurrence.
+    Here the backward direction reads every sentence reversed within its length,
+    so both directions run forward in time with their real tokens first, one
+    batched matmul per step; states past a sentence's end are never read by its
+    real positions, and are zeroed in the output.
+
+    Args:
+        x: (B, S, E) inputs, anything on padding.
+        lengths: (B,) real lengths, all >= 1, on ``x``'s device.
+        w_ih: (2, 3h, E), b_ih: (2, 3h), w_hh: (2, 3h, h), b_hh: (2, 3h): the
+            forward then the backward direction's ``nn.GRU`` weights.
+
+    Returns:
+        states (B, S, 2h), ``[forward; backward]`` and zero on padding, and the
+        final states ``[h_fwd_last; h_bwd_first]``, (B, 2h).
+    """
+    batch, steps, size = x.size(0), x.size(1), w_hh.size(-1)
+    positions = torch.arange(steps, device=x.device)
+    real = positions < lengths[:, None]  # (B, S)
+    # Position s of the reversed sentence b is original position len_b - 1 - s.
+    reverse = torch.where(real, lengths[:, None] - 1 - positions, positions)
+    gates = torch.nn.functional.linear(x, w_ih.flatten(0, 1), b_ih.flatten())
+    forward, backward = gates.view(batch, steps, 2, -1).unbind(2)
+    backward = backward.gather(1, reverse[..., None].expand_as(backward))
+    gates_x = torch.stack([forward, backward]).transpose(1, 2).contiguous()  # (2, S, B, 3h)
+    dtype = gates_x.dtype  # bf16 under autocast: every tensor goes in it, as in nn.GRU
+    h0 = gates_x.new_zeros(2, batch, size)
+    out = _Recurrence.apply(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype)).transpose(1, 2)
+    backward_states = out[1].gather(1, reverse[..., None].expand(-1, -1, size))
+    final = torch.cat(
+        [out[0, torch.arange(batch, device=x.device), lengths - 1], backward_states[:, 0]], -1
+    )
+    states = torch.cat([out[0], backward_states], dim=-1) * real[..., None]
+    return states, final

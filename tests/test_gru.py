@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seq2seq.gru import gru_recurrence
+from seq2seq.gru import bidirectional_gru, gru_recurrence
 
 
 def _inputs(steps: int = 5, batch: int = 3, size: int = 4, features: int = 6):
@@ -40,3 +40,31 @@ def test_backward_passes_gradcheck():
     w_hh = rnn.weight_hh_l0.detach().clone().requires_grad_()
     b_hh = rnn.bias_hh_l0.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(gru_recurrence, (gates_x, h0, w_hh, b_hh))
+
+
+def test_bidirectional_gru_matches_nn_gru_on_packed_sequences():
+    """States, final states and every gradient equal ``nn.GRU`` over the packed
+    batch; padding positions come out zero whatever the input holds there."""
+    torch.manual_seed(0)
+    rnn = nn.GRU(3, 4, batch_first=True, bidirectional=True).double()
+    lengths = torch.tensor([5, 1, 3, 5])
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    weights = (torch.randn(4, 5, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, final = rnn(packed)
+    theirs, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)
+    their_final = torch.cat([final[0], final[1]], dim=-1)
+    params = [x, *rnn.parameters()]
+    loss = (theirs * weights[0]).sum() + (their_final * weights[1]).sum()
+    expected = torch.autograd.grad(loss, params)
+    stacked = [
+        torch.stack([getattr(rnn, name), getattr(rnn, f"{name}_reverse")])
+        for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")
+    ]
+    ours, our_final = bidirectional_gru(x, lengths, *stacked)
+    loss = (ours * weights[0]).sum() + (our_final * weights[1]).sum()
+    got = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_final, their_final)
+    for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"gradient {index}")
