@@ -201,9 +201,10 @@ class Attention(nn.Module):
 class Encoder(nn.Module):
     """Embeddings -> bidirectional RNN over packed sequences -> states and summary.
 
-    A one-layer GRU runs through ``seq2seq.gru.bidirectional_gru`` instead of
-    ``nn.GRU``: the same result from the same parameters, about 8% more training
-    throughput at the recipe's sizes on CPU.
+    On CPU a one-layer GRU runs through ``seq2seq.gru.bidirectional_gru`` instead
+    of ``nn.GRU``: the same result from the same parameters, about 8% more
+    training throughput at the recipe's sizes. On CUDA, cuDNN's fused packed GRU
+    is the faster one and stays.
     """
 
     def __init__(
@@ -241,7 +242,7 @@ class Encoder(nn.Module):
             ``[h_fwd_last; h_bwd_first]`` of the top layer, (B, H).
         """
         x = self.dropout(self.embed(src))
-        if isinstance(self.rnn, nn.GRU) and self.rnn.num_layers == 1:
+        if x.device.type == "cpu" and isinstance(self.rnn, nn.GRU) and self.rnn.num_layers == 1:
             return self._bidirectional_gru(x, lengths)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
