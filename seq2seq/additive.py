@@ -39,7 +39,9 @@ class _AdditiveScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        gates, v = ctx.saved_tensors  # modified in place: one backward per forward
+        # Reused in place below; autograd's version check makes a second backward
+        # (retain_graph) raise instead of returning wrong gradients.
+        gates, v = ctx.saved_tensors
         need_keys, need_queries, need_v = ctx.needs_input_grad
         grad_v = None
         if need_v:

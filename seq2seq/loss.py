@@ -38,7 +38,7 @@ class _SmoothedNLL(torch.autograd.Function):
         log_probs, target, real = ctx.saved_tensors
         eps = ctx.eps
         weight = (grad_loss * real)[:, None]
-        grad = log_probs.exp_()  # the saved tensor is not needed again
+        grad = log_probs.exp_()  # in place: a second backward raises (version check)
         if eps > 0:  # w * (p - eps / V) in one pass
             torch.addcmul(weight * (-eps / grad.size(1)), grad, weight, out=grad)
         else:

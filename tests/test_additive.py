@@ -52,3 +52,11 @@ def test_only_the_needed_gradients_are_returned(needed):
         assert (tensor.grad is not None) == need
         if need:
             torch.testing.assert_close(tensor.grad, reference.grad)
+
+
+def test_a_second_backward_raises_instead_of_returning_wrong_gradients():
+    """The backward reuses its saved tensor in place, so it must not run twice."""
+    scores = additive_scores(*_inputs()).sum()
+    scores.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.backward()

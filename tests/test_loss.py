@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from seq2seq.loss import masked_cross_entropy
@@ -67,3 +68,12 @@ def test_gradient_equals_pytorch_cross_entropy():
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(grad_ours, grad_theirs)
         assert grad_ours[1, 2:].abs().sum() == 0  # padding gets no gradient
+
+
+def test_a_second_backward_raises_instead_of_returning_wrong_gradients():
+    """The backward turns its saved log-probabilities into the gradient in place."""
+    logits = torch.randn(2, 3, 6, requires_grad=True)
+    loss, _ = masked_cross_entropy(logits, torch.tensor([[1, 2, PAD], [3, 4, 5]]), pad_id=PAD)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
