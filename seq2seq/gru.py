@@ -64,55 +64,55 @@ def gru_cell(
 
 class _Recurrence(torch.autograd.Function):
     """D independent GRUs (D = 2 for the two directions of an encoder) stepped
-    together: one batched matmul per step for all of them. Forward keeps r, z, n
-    and ``W_hn h + b_hn`` per step for the backward."""
+    together: one batched matmul per step for all of them. Batch-first, so the
+    callers' (N, T, ...) tensors go in and come out without transposed copies.
+    Forward keeps r, z, n and ``W_hn h + b_hn`` per step for the backward."""
 
     @staticmethod
     def forward(ctx: Any, gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-        dirs, steps, batch, size = *gates_x.shape[:3], h0.size(-1)
-        states = gates_x.new_empty(dirs, steps + 1, batch, size)
-        states[:, 0] = h0
-        saved = gates_x.new_empty(dirs, steps, batch, 4 * size)  # r | z | n | W_hn h + b_hn
+        dirs, batch, steps, size = *gates_x.shape[:3], h0.size(-1)
+        states = gates_x.new_empty(dirs, batch, steps + 1, size)
+        states[:, :, 0] = h0
+        saved = gates_x.new_empty(dirs, batch, steps, 4 * size)  # r | z | n | W_hn h + b_hn
         w_t, bias = w_hh.transpose(1, 2), b_hh[:, None]
         for t in range(steps):
-            gates_h = torch.baddbmm(bias, states[:, t], w_t)
-            slot = saved[:, t]
+            gates_h = torch.baddbmm(bias, states[:, :, t], w_t)
+            slot = saved[:, :, t]
             gru_cell(
-                gates_x[:, t],
+                gates_x[:, :, t],
                 gates_h,
-                states[:, t],
+                states[:, :, t],
                 gates=slot[..., : 3 * size],
-                out=states[:, t + 1],
+                out=states[:, :, t + 1],
             )
             slot[..., 3 * size :] = gates_h[..., 2 * size :]
         ctx.save_for_backward(states, saved, w_hh)
-        return states[:, 1:]
+        return states[:, :, 1:]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         states, saved, w_hh = ctx.saved_tensors
-        dirs, steps, batch, size = grad_out.shape
-        reset, update, candidate, h_n = saved.view(dirs, steps, batch, 4, size).unbind(3)
+        dirs, batch, steps, size = grad_out.shape
+        reset, update, candidate, h_n = saved.view(dirs, batch, steps, 4, size).unbind(3)
         # How each gate's pre-activation moves per unit of gradient on the new
         # state, for all steps at once; the loop then needs one product per step.
         d_n = (1 - update) * (1 - candidate * candidate)
-        d_z = (states[:, :-1] - candidate) * update * (1 - update)
+        d_z = (states[:, :, :-1] - candidate) * update * (1 - update)
         d_r = d_n * h_n * reset * (1 - reset)
-        # (D, T, N, 3, H): r | z | n, the latter as seen by W_hn h
+        # (D, N, T, 3, H): r | z | n, the latter as seen by W_hn h
         factors = torch.stack([d_r, d_z, d_n * reset], dim=3)
-        grad_state = torch.empty_like(grad_out)  # total gradient on each new state
-        grad_h_gates = grad_out.new_empty(dirs, steps, batch, 3 * size)
-        grad_h = torch.zeros_like(states[:, 0])
+        grad_state = grad_out.new_empty(dirs, batch, steps, size)  # total, per new state
+        grad_h_gates = grad_out.new_empty(dirs, batch, steps, 3 * size)
+        grad_h = torch.zeros_like(states[:, :, 0])
         for t in range(steps - 1, -1, -1):
-            grad = torch.add(grad_h, grad_out[:, t], out=grad_state[:, t])
-            torch.mul(
-                factors[:, t], grad[:, :, None], out=grad_h_gates[:, t].view(dirs, batch, 3, size)
-            )
-            grad_h = torch.baddbmm(grad * update[:, t], grad_h_gates[:, t], w_hh)
+            grad = torch.add(grad_h, grad_out[:, :, t], out=grad_state[:, :, t])
+            gates = grad_h_gates[:, :, t]
+            torch.mul(factors[:, :, t], grad[:, :, None], out=gates.view(dirs, batch, 3, size))
+            grad_h = torch.baddbmm(grad * update[:, :, t], gates, w_hh)
         grad_x = grad_h_gates.clone()
         torch.mul(grad_state, d_n, out=grad_x[..., 2 * size :])
         flat = grad_h_gates.view(dirs, -1, 3 * size)
-        grad_w = flat.transpose(1, 2) @ states[:, :-1].reshape(dirs, -1, size)
+        grad_w = flat.transpose(1, 2) @ states[:, :, :-1].reshape(dirs, -1, size)
         return grad_x, grad_h, grad_w, flat.sum(1)
 
 
@@ -120,14 +120,14 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> T
     """Run the GRU over all steps; differentiable in every argument.
 
     Args:
-        gates_x: (T, N, 3H) input gates ``W_ih x_t + b_ih`` for every step.
+        gates_x: (N, T, 3H) input gates ``W_ih x_t + b_ih`` for every step.
         h0: (N, H) the initial state.
         w_hh: (3H, H) and b_hh: (3H,) the recurrent weights (``nn.GRU`` layout).
 
     Returns:
-        (T, N, H) the state after every step.
+        (N, T, H) the state after every step.
     """
-    return _Recurrence.apply(gates_x[None].contiguous(), h0[None], w_hh[None], b_hh[None])[0]
+    return _Recurrence.apply(gates_x[None], h0[None], w_hh[None], b_hh[None])[0]
 
 
 def bidirectional_gru(
@@ -160,12 +160,12 @@ def bidirectional_gru(
     # Position s of the reversed sentence b is original position len_b - 1 - s.
     reverse = torch.where(real, lengths[:, None] - 1 - positions, positions)
     gates = torch.nn.functional.linear(x, w_ih.flatten(0, 1), b_ih.flatten())
-    forward, backward = gates.view(batch, steps, 2, -1).unbind(2)
-    backward = backward.gather(1, reverse[..., None].expand_as(backward))
-    gates_x = torch.stack([forward, backward]).transpose(1, 2).contiguous()  # (2, S, B, 3h)
+    gates = gates.view(batch, steps, 2, -1)
+    order = torch.stack([positions.expand(batch, -1), reverse], dim=2)  # (B, S, 2)
+    gates_x = gates.gather(1, order[..., None].expand_as(gates)).permute(2, 0, 1, 3)
     dtype = gates_x.dtype  # bf16 under autocast: every tensor goes in it, as in nn.GRU
     h0 = gates_x.new_zeros(2, batch, size)
-    out = _Recurrence.apply(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype)).transpose(1, 2)
+    out = _Recurrence.apply(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype))  # (2, B, S, h)
     backward_states = out[1].gather(1, reverse[..., None].expand(-1, -1, size))
     final = torch.cat(
         [out[0, torch.arange(batch, device=x.device), lengths - 1], backward_states[:, 0]], -1

@@ -373,15 +373,14 @@ class Decoder(nn.Module):
         plus c's share, computed once per sentence (``seq2seq.gru`` says why).
         Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
         """
-        gates_x = (self._embedding_gates(emb) + context_gates[:, None]).transpose(0, 1)
+        gates_x = self._embedding_gates(emb) + context_gates[:, None]
         dtype = gates_x.dtype
-        states = gru_recurrence(
+        return gru_recurrence(
             gates_x,
             state.hidden[0].to(dtype),
             self.rnn.weight_hh_l0.to(dtype),
             self.rnn.bias_hh_l0.to(dtype),
         )
-        return states.transpose(0, 1)
 
 
 # ------------------------------------------------------------------------- seq2seq

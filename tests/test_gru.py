@@ -17,8 +17,8 @@ def _inputs(steps: int = 5, batch: int = 3, size: int = 4, features: int = 6):
 
 
 def _ours(rnn: nn.GRU, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
-    return gru_recurrence(gates_x, h0, rnn.weight_hh_l0, rnn.bias_hh_l0)
+    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0).transpose(0, 1)
+    return gru_recurrence(gates_x, h0, rnn.weight_hh_l0, rnn.bias_hh_l0).transpose(0, 1)
 
 
 def test_states_and_gradients_match_nn_gru():
@@ -36,7 +36,8 @@ def test_states_and_gradients_match_nn_gru():
 def test_backward_passes_gradcheck():
     """Finite differences agree with the hand-written backward in every input."""
     rnn, x, h0 = _inputs(steps=3, batch=2, size=3, features=2)
-    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0).detach().requires_grad_()
+    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0).transpose(0, 1)
+    gates_x = gates_x.detach().contiguous().requires_grad_()  # (N, T, 3H)
     w_hh = rnn.weight_hh_l0.detach().clone().requires_grad_()
     b_hh = rnn.bias_hh_l0.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(gru_recurrence, (gates_x, h0, w_hh, b_hh))
