@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def gru_cell(
@@ -96,8 +96,9 @@ class _Recurrence(torch.autograd.Function):
         reset, update, candidate, h_n = saved.view(dirs, batch, steps, 4, size).unbind(3)
         # How each gate's pre-activation moves per unit of gradient on the new
         # state, for all steps at once; the loop then needs one product per step.
-        d_n = (1 - update) * (1 - candidate * candidate)
-        d_z = (states[:, :, :-1] - candidate) * update * (1 - update)
+        stay = 1 - update
+        d_n = stay * (1 - candidate * candidate)
+        d_z = (states[:, :, :-1] - candidate) * update * stay
         d_r = d_n * h_n * reset * (1 - reset)
         # (D, N, T, 3, H): r | z | n, the latter as seen by W_hn h
         factors = torch.stack([d_r, d_z, d_n * reset], dim=3)
@@ -130,9 +131,7 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> T
     return _Recurrence.apply(gates_x[None], h0[None], w_hh[None], b_hh[None])[0]
 
 
-def bidirectional_gru(
-    x: Tensor, lengths: Tensor, w_ih: Tensor, b_ih: Tensor, w_hh: Tensor, b_hh: Tensor
-) -> tuple[Tensor, Tensor]:
+def bidirectional_gru(x: Tensor, lengths: Tensor, rnn: nn.GRU) -> tuple[Tensor, Tensor]:
     """A one-layer bidirectional GRU over a padded batch, equal to ``nn.GRU`` on
     the packed sequences: padding never changes a sentence's states.
 
@@ -147,14 +146,18 @@ def bidirectional_gru(
     Args:
         x: (B, S, E) inputs, anything on padding.
         lengths: (B,) real lengths, all >= 1, on ``x``'s device.
-        w_ih: (2, 3h, E), b_ih: (2, 3h), w_hh: (2, 3h, h), b_hh: (2, 3h): the
-            forward then the backward direction's ``nn.GRU`` weights.
+        rnn: a one-layer bidirectional ``nn.GRU`` (batch-first or not), whose
+            weights are used; its own forward is not called.
 
     Returns:
         states (B, S, 2h), ``[forward; backward]`` and zero on padding, and the
         final states ``[h_fwd_last; h_bwd_first]``, (B, 2h).
     """
-    batch, steps, size = x.size(0), x.size(1), w_hh.size(-1)
+    w_ih, b_ih, w_hh, b_hh = (
+        torch.stack([getattr(rnn, name), getattr(rnn, f"{name}_reverse")])
+        for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")
+    )
+    batch, steps, size = x.size(0), x.size(1), rnn.hidden_size
     positions = torch.arange(steps, device=x.device)
     real = positions < lengths[:, None]  # (B, S)
     # Position s of the reversed sentence b is original position len_b - 1 - s.

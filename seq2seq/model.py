@@ -243,21 +243,12 @@ class Encoder(nn.Module):
         """
         x = self.dropout(self.embed(src))
         if x.device.type == "cpu" and isinstance(self.rnn, nn.GRU) and self.rnn.num_layers == 1:
-            return self._bidirectional_gru(x, lengths)
+            return bidirectional_gru(x, lengths, self.rnn)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
         h_n = final[0] if isinstance(final, tuple) else final  # (2L, B, H/2)
         return states, torch.cat([h_n[-2], h_n[-1]], dim=-1)
-
-    def _bidirectional_gru(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """The one-layer GRU through ``seq2seq.gru`` (same result, faster on CPU)."""
-        rnn = self.rnn
-        weights = [
-            torch.stack([getattr(rnn, name), getattr(rnn, f"{name}_reverse")])
-            for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")
-        ]
-        return bidirectional_gru(x, lengths.to(x.device), *weights)
 
 
 # -------------------------------------------------------------------------- decoder
@@ -352,18 +343,27 @@ class Decoder(nn.Module):
         weight = self.rnn.weight_ih_l0[:, emb_size:]
         return F.linear(context.to(weight.dtype), weight, self.rnn.bias_ih_l0)
 
-    def _embedding_gates(self, emb: Tensor) -> Tensor:
-        """The embeddings' share of the input gates, ``W_ih[:, :E] emb``: (..., 3H)."""
-        return F.linear(emb, self.rnn.weight_ih_l0[:, : self.embed.embedding_dim])
+    def _input_gates(self, emb: Tensor, context_gates: Tensor) -> Tensor:
+        """All the input gates, ``W_ih[:, :E] emb`` plus c's precomputed share.
+
+        Args:
+            emb: (B, E) for one search step, or (B, T, E) for all steps.
+            context_gates: (B, 3H) from ``context_gates``.
+
+        Returns:
+            (B, 3H) or (B, T, 3H).
+        """
+        weight = self.rnn.weight_ih_l0[:, : self.embed.embedding_dim]
+        if emb.dim() == 2:  # one step: a single fused matmul-and-add
+            return torch.addmm(context_gates, emb, weight.t())
+        return F.linear(emb, weight) + context_gates[:, None]
 
     def _gru_step(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> DecoderState:
         """One step of the one-layer GRU, reading the precomputed ``context_gates``;
         equal to ``self.rnn`` on ``[emb; c]``."""
         hidden = state.hidden[0]
         gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        weight = self.rnn.weight_ih_l0[:, : self.embed.embedding_dim]
-        gates_x = torch.addmm(context_gates, emb, weight.t())  # _embedding_gates + c's share
-        *_, new_hidden = gru_cell(gates_x, gates_h, hidden)
+        *_, new_hidden = gru_cell(self._input_gates(emb, context_gates), gates_h, hidden)
         return DecoderState(new_hidden[None])
 
     def _gru_steps(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> Tensor:
@@ -373,7 +373,7 @@ class Decoder(nn.Module):
         plus c's share, computed once per sentence (``seq2seq.gru`` says why).
         Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
         """
-        gates_x = self._embedding_gates(emb) + context_gates[:, None]
+        gates_x = self._input_gates(emb, context_gates)
         dtype = gates_x.dtype
         return gru_recurrence(
             gates_x,
