@@ -20,10 +20,13 @@ def _tanh_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> 
     return (torch.tanh(keys[:, None] + queries[:, :, None]) * v).sum(-1)
 
 
-def test_scores_differ_from_the_tanh_form_by_a_constant():
-    keys, queries, v = _inputs()
-    shift = additive_scores(keys, queries, v) - _tanh_scores(keys, queries, v)
-    torch.testing.assert_close(shift, v.sum().expand_as(shift))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scores_differ_from_the_tanh_form_by_a_constant(dtype):
+    """Each dtype's forward path (float32 takes a matrix-vector product)."""
+    keys, queries, v = (t.detach().to(dtype) for t in _inputs())
+    shift = additive_scores(keys, queries, v).double() - _tanh_scores(keys, queries, v).double()
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
+    torch.testing.assert_close(shift, v.sum().double().expand_as(shift), atol=atol, rtol=0)
 
 
 def test_weights_and_gradients_match_the_tanh_form():
