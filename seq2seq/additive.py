@@ -10,8 +10,6 @@ is the attention's cost. Two facts make it cheaper:
   ``v^T tanh(k + q)`` with the same parameters. On CPU the reason is speed:
   PyTorch's vectorised ``tanh`` runs about 3 times slower than ``sigmoid``
   (13.8 against 4.2 ms for 6.5 M floats on a Zen 3 core pair).
-* In float32 the sum over ``A`` weighted by ``v`` is one matrix-vector product
-  (a single read of the sigmoid), not a (B, T, S, A) product and then a sum.
 * The backward reuses the saved sigmoid in place and applies ``v`` after the
   reductions over keys and queries, not to the whole (B, T, S, A) tensor.
   Autograd's version of the tanh form makes about twice as many passes over it.
@@ -35,10 +33,8 @@ class _AdditiveScores(torch.autograd.Function):
     def forward(ctx: Any, keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
         gates = torch.add((2 * keys)[:, None], queries[:, :, None], alpha=2).sigmoid_()
         ctx.save_for_backward(gates, v)
-        if gates.dtype == torch.float32:  # one read of gates, no (B, T, S, A) product
-            return torch.mv(gates.view(-1, gates.size(-1)), v).view(gates.shape[:-1]).mul_(2)
-        # bf16: a reduction, not a matmul, which would build one oneDNN primitive
-        # per batch shape during decoding, each costing memory.
+        # A reduction, not a matmul: under bf16 a matmul here would build one
+        # oneDNN primitive per batch shape during decoding, each costing memory.
         return (gates * v).sum(-1).mul_(2)
 
     @staticmethod

@@ -22,7 +22,7 @@ def _tanh_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_scores_differ_from_the_tanh_form_by_a_constant(dtype):
-    """Each dtype's forward path (float32 takes a matrix-vector product)."""
+    """In training's and decoding's dtypes too, to their precision."""
     keys, queries, v = (t.detach().to(dtype) for t in _inputs())
     shift = additive_scores(keys, queries, v).double() - _tanh_scores(keys, queries, v).double()
     atol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
