@@ -110,7 +110,9 @@ class _Recurrence(torch.autograd.Function):
             gates = grad_h_gates[:, :, t]
             torch.mul(factors[:, :, t], grad[:, :, None], out=gates.view(dirs, batch, 3, size))
             grad_h = torch.baddbmm(grad * update[:, :, t], gates, w_hh)
-        grad_x = grad_h_gates.clone()
+        # r and z see the same gradient as W_h h does; n sees it without r's factor.
+        grad_x = torch.empty_like(grad_h_gates)
+        grad_x[..., : 2 * size] = grad_h_gates[..., : 2 * size]
         torch.mul(grad_state, d_n, out=grad_x[..., 2 * size :])
         flat = grad_h_gates.view(dirs, -1, 3 * size)
         grad_w = flat.transpose(1, 2) @ states[:, :, :-1].reshape(dirs, -1, size)
