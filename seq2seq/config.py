@@ -168,6 +168,7 @@ class ModelConfig:
     dropout: float = 0.3
     tie_embeddings: bool = True
     share_embeddings: bool = False
+    softmax_head: int = 0  # > 0: two-level softmax with this many head pieces (seq2seq.softmax)
 
 
 # ------------------------------------------------------------------------- training

@@ -69,5 +69,14 @@ def masked_cross_entropy(
     """
     vocab = logits.size(-1)
     real = (target != pad_id).reshape(-1)
-    rows = _SmoothedNLL.apply(logits.reshape(-1, vocab), target.reshape(-1), real, label_smoothing)
+    rows = smoothed_nll(logits.reshape(-1, vocab), target.reshape(-1), real, label_smoothing)
     return rows.sum(), int(real.sum())
+
+
+def smoothed_nll(logits: Tensor, target: Tensor, real: Tensor, label_smoothing: float) -> Tensor:
+    """Per-row label-smoothed NLL of (N, C) logits, 0 where ``real`` is False: (N,).
+
+    The building block of ``masked_cross_entropy`` and of each level of
+    ``seq2seq.softmax``'s two-level loss.
+    """
+    return _SmoothedNLL.apply(logits, target, real, label_smoothing)

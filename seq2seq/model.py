@@ -12,7 +12,9 @@ Architecture (all sizes from ``ModelConfig``):
   score (default), Luong's general score, or no attention (the pure
   context-vector model, where the attention read-out is ``c`` itself).
 * **Deep output** (Pascanu et al., 2014): ``o_t = tanh(W_o [s_t; a_t; y_{t-1}])``
-  of embedding size, then a vocabulary projection tied to the target embeddings.
+  of embedding size, then a vocabulary projection tied to the target embeddings:
+  a full softmax, or with ``softmax_head`` a two-level one (``seq2seq.softmax``)
+  that makes training's output layer cheaper.
 
 Why the query is the state *after* the recurrence and there is no input
 feeding: then the decoder RNN does not depend on attention, so teacher-forced
@@ -35,9 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seq2seq import softmax
 from seq2seq.additive import additive_scores
 from seq2seq.config import ModelConfig
 from seq2seq.gru import bidirectional_gru, gru_cell, gru_recurrence
+from seq2seq.loss import masked_cross_entropy
 
 Cell = Literal["gru", "lstm", "rnn"]
 AttentionKind = Literal["bahdanau", "luong", "none"]
@@ -255,7 +259,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """RNN over ``[y_{t-1}; c]`` -> attention -> deep output -> vocabulary logits."""
+    """RNN over ``[y_{t-1}; c]`` -> attention -> deep output -> vocabulary scores."""
 
     def __init__(
         self,
@@ -269,9 +273,15 @@ class Decoder(nn.Module):
         attention_size: int,
         dropout: float,
         tie_embeddings: bool,
+        softmax_head: int,
         pad_id: int,
     ) -> None:
         super().__init__()
+        if not 0 <= softmax_head < vocab_size:
+            raise ValueError(
+                f"model.softmax_head={softmax_head} must be 0 (a full softmax) or fewer "
+                f"than the {vocab_size} target pieces"
+            )
         self.layers = layers
         self.cell = cell
         self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
@@ -291,6 +301,9 @@ class Decoder(nn.Module):
         self.generator = nn.Linear(embedding_size, vocab_size)
         if tie_embeddings:
             self.generator.weight = self.embed.weight
+        self.softmax_head = softmax_head
+        # The two-level softmax's tail class: its score sits next to the head's.
+        self.tail = nn.Linear(embedding_size, 1) if softmax_head else None
 
     def init_state(self, context: Tensor) -> DecoderState:
         """Every layer starts from ``tanh(W_init c)``; the LSTM cell from zeros."""
@@ -310,8 +323,43 @@ class Decoder(nn.Module):
             enc: encoder output for the same B rows.
 
         Returns:
-            logits (B, T, V), the state after the last step, attention (B, T, S).
+            scores (B, T, V) (logits, or log-probs for the two-level softmax), the
+            state after the last step, attention (B, T, S).
         """
+        hidden, new_state, weights = self.features(prev_tokens, state, enc)
+        return self.scores(hidden), new_state, weights
+
+    def scores(self, hidden: Tensor) -> Tensor:
+        """Vocabulary scores (..., V) of deep-output vectors (..., E)."""
+        if self.tail is None:
+            return self.generator(hidden)
+        return softmax.log_probs(hidden, self.generator, self.tail, self.softmax_head)
+
+    def loss(
+        self, hidden: Tensor, target: Tensor, *, pad_id: int, label_smoothing: float
+    ) -> tuple[Tensor, int]:
+        """Summed token loss of deep-output vectors (B, T, E) against gold (B, T),
+        and the number of real tokens. The two-level softmax never scores the
+        tail pieces of tokens whose target is in the head."""
+        if self.tail is None:
+            return masked_cross_entropy(
+                self.generator(hidden), target, pad_id=pad_id, label_smoothing=label_smoothing
+            )
+        return softmax.loss(
+            hidden,
+            target,
+            generator=self.generator,
+            tail=self.tail,
+            head=self.softmax_head,
+            pad_id=pad_id,
+            label_smoothing=label_smoothing,
+        )
+
+    def features(
+        self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """``forward`` up to the deep output: vectors (B, T, E) before the
+        vocabulary projection, the new state and attention (B, T, S)."""
         emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
         if emb.size(1) == 1 and enc.context_gates.size(-1):
             new_state = self._gru_step(emb[:, 0], state, enc.context_gates)
@@ -327,7 +375,7 @@ class Decoder(nn.Module):
         readout, weights = self.attention(outputs, enc)
         fused = torch.cat([outputs, readout.to(outputs.dtype), emb], dim=-1)
         hidden = self.dropout(torch.tanh(self.deep_output(fused)))  # (B, T, E)
-        return self.generator(hidden), new_state, weights
+        return hidden, new_state, weights
 
     def context_gates(self, context: Tensor) -> Tensor:
         """The context vector's share of the input gates, ``W_ih[:, E:] c + b_ih``.
@@ -410,6 +458,7 @@ class Seq2Seq(nn.Module):
         dropout: float = 0.3,
         tie_embeddings: bool = True,
         share_embeddings: bool = False,
+        softmax_head: int = 0,
     ) -> None:
         super().__init__()
         if share_embeddings and src_vocab != tgt_vocab:
@@ -442,6 +491,7 @@ class Seq2Seq(nn.Module):
             attention_size=attention_size,
             dropout=dropout,
             tie_embeddings=tie_embeddings,
+            softmax_head=softmax_head,
             pad_id=pad_id,
         )
         if share_embeddings:
@@ -469,6 +519,7 @@ class Seq2Seq(nn.Module):
             dropout=cfg.dropout,
             tie_embeddings=cfg.tie_embeddings,
             share_embeddings=cfg.share_embeddings,
+            softmax_head=cfg.softmax_head,
         )
 
     def reset_parameters(self) -> None:
@@ -517,8 +568,8 @@ class Seq2Seq(nn.Module):
             enc: encoder output with N rows.
 
         Returns:
-            logits (N, V) (search normalises only the scores it keeps), the new
-            state, attention (N, S).
+            scores (N, V) (logits, or log-probs for the two-level softmax; search
+            normalises only the scores it keeps), the new state, attention (N, S).
         """
         logits, state, weights = self.decoder(prev_tokens[:, None], state, enc)
         return logits[:, 0], state, weights[:, 0]
@@ -531,8 +582,34 @@ class Seq2Seq(nn.Module):
             tgt_in: (B, T) target ids shifted right (BOS first), padded.
 
         Returns:
-            logits (B, T, V) and attention weights (B, T, S).
+            scores (B, T, V) (logits, or log-probs for the two-level softmax) and
+            attention weights (B, T, S).
         """
+        hidden, weights = self.features(src, src_lengths, tgt_in)
+        return self.decoder.scores(hidden), weights
+
+    def features(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher-forced pass up to the deep output: (B, T, E) and attention."""
         enc = self.encode(src, src_lengths)
-        logits, _, weights = self.decoder(tgt_in, self.init_state(enc), enc)
-        return logits, weights
+        hidden, _, weights = self.decoder.features(tgt_in, self.init_state(enc), enc)
+        return hidden, weights
+
+    def loss(
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        tgt_in: Tensor,
+        tgt_out: Tensor,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> tuple[Tensor, int]:
+        """Teacher-forced training loss: the summed token loss over real target
+        positions (masked on padding) and their count.
+
+        Why here and not on ``forward``'s scores: the two-level softmax's loss
+        never computes most of the scores that ``forward`` returns.
+        """
+        hidden, _ = self.features(src, src_lengths, tgt_in)
+        return self.decoder.loss(
+            hidden, tgt_out, pad_id=self.pad_id, label_smoothing=label_smoothing
+        )

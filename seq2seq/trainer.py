@@ -27,7 +27,6 @@ from seq2seq import snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
 from seq2seq.config import OptimConfig, TrainApp, TrainingConfig
 from seq2seq.corpus import load_corpus
-from seq2seq.loss import masked_cross_entropy
 from seq2seq.metrics import bleu
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
@@ -239,8 +238,7 @@ class Trainer:
         with torch.inference_mode(), self._autocast():
             for idx in token_batches(lengths, max_tokens=self.config.train.max_tokens):
                 batch = collate([self.valid_pairs[i] for i in idx]).to(self.device)
-                logits, _ = self.model(batch.src, batch.src_lengths, batch.tgt_in)
-                loss, n = masked_cross_entropy(logits, batch.tgt_out, pad_id=PAD_ID)
+                loss, n = self.model.loss(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out)
                 total, tokens = total + float(loss), tokens + n
         loss = total / max(1, tokens)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bleu": self.greedy_bleu()}
@@ -261,11 +259,14 @@ class Trainer:
         t = self.config.train
         self.model.train()
         tgt_in = batch.tgt_in if t.teacher_forcing >= 1.0 else self._sampled_inputs(batch)
-        with self._autocast():
-            logits, _ = self.model(batch.src, batch.src_lengths, tgt_in)
-        loss, tokens = masked_cross_entropy(
-            logits, batch.tgt_out, pad_id=PAD_ID, label_smoothing=t.label_smoothing
-        )
+        with self._autocast():  # the loss's softmax runs in float32 all the same
+            loss, tokens = self.model.loss(
+                batch.src,
+                batch.src_lengths,
+                tgt_in,
+                batch.tgt_out,
+                label_smoothing=t.label_smoothing,
+            )
         (loss / tokens).backward()
         if t.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
