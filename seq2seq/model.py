@@ -335,6 +335,30 @@ class Decoder(nn.Module):
             return self.generator(hidden)
         return softmax.log_probs(hidden, self.generator, self.tail, self.softmax_head)
 
+    def top(
+        self, hidden: Tensor, *, width: int, must_end: Tensor, eos_id: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each row's ``width`` best pieces and their log-probs, from (N, E); rows in
+        ``must_end`` get EOS first and ``-inf`` after it."""
+        if self.tail is not None and eos_id < self.softmax_head and width <= self.softmax_head:
+            return softmax.top(
+                hidden,
+                self.generator,
+                self.tail,
+                self.softmax_head,
+                width=width,
+                must_end=must_end,
+                eos_id=eos_id,
+            )
+        log_probs = torch.log_softmax(self.scores(hidden).float(), dim=-1)
+        scores, pieces = log_probs.topk(min(width, log_probs.size(-1)), dim=-1)
+        ends = must_end.nonzero()[:, 0]
+        if ends.numel():
+            scores[ends] = float("-inf")
+            scores[ends, 0] = log_probs[ends, eos_id]
+            pieces[ends, 0] = eos_id
+        return scores, pieces
+
     def loss(
         self, hidden: Tensor, target: Tensor, *, pad_id: int, label_smoothing: float
     ) -> tuple[Tensor, int]:
@@ -573,6 +597,36 @@ class Seq2Seq(nn.Module):
         """
         logits, state, weights = self.decoder(prev_tokens[:, None], state, enc)
         return logits[:, 0], state, weights[:, 0]
+
+    def top_step(
+        self,
+        prev_tokens: Tensor,
+        state: DecoderState,
+        enc: EncoderOutput,
+        *,
+        width: int,
+        must_end: Tensor,
+        eos_id: int,
+    ) -> tuple[Tensor, Tensor, DecoderState, Tensor]:
+        """One search step that returns only each row's ``width`` best next pieces.
+
+        Why a step of its own: search reads no more than that (greedy 1, beam
+        search K + 1), and the two-level softmax finds them without scoring most
+        of the vocabulary (``seq2seq.softmax.top``).
+
+        Args:
+            prev_tokens: (N,) the previous token of each row.
+            must_end: (N,) bool, rows whose next token must be EOS.
+
+        Returns:
+            log-probs (N, width) and pieces (N, width), best first (EOS then
+            ``-inf`` where ``must_end``), the new state, attention (N, S).
+        """
+        hidden, state, weights = self.decoder.features(prev_tokens[:, None], state, enc)
+        scores, pieces = self.decoder.top(
+            hidden[:, 0], width=width, must_end=must_end, eos_id=eos_id
+        )
+        return scores, pieces, state, weights[:, 0]
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over whole target sequences.

@@ -140,6 +140,32 @@ def _worth_compacting(live: int, rows: int) -> bool:
     return live <= 0.75 * rows
 
 
+def _row_top(
+    model: Searchable,
+    prev: Tensor,
+    state: Any,
+    enc: Any,
+    width: int,
+    must_end: Tensor,
+    eos_id: int,
+) -> tuple[Tensor, Tensor, Any, Tensor]:
+    """One step: each row's ``width`` best next tokens and their log-probs, best first
+    (EOS first and ``-inf`` after it where ``must_end``), the new state, attention.
+
+    A model may offer ``top_step`` (same results) to find them without scoring every
+    token (``Seq2Seq``'s two-level softmax does); otherwise ``decode_step``'s scores
+    are normalised in one fused ``log_softmax`` pass and ranked.
+    """
+    own_step = getattr(model, "top_step", None)
+    if own_step is not None:
+        return own_step(prev, state, enc, width=width, must_end=must_end, eos_id=eos_id)
+    logits, state, attn = model.decode_step(prev, state, enc)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    width = min(width, log_probs.size(-1))
+    best, tokens = _force_eos(log_probs, must_end, eos_id).topk(width, dim=-1)
+    return best, tokens, state, attn
+
+
 def _force_eos(logits: Tensor, must_end: Tensor, eos_id: int) -> Tensor:
     """Leave only EOS possible for rows at their length budget; EOS keeps its own score.
 
@@ -198,9 +224,9 @@ def greedy(
         attention = torch.zeros(batch, longest, src.size(1)) if return_attention else None
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # per row of `rows`
         for step in range(longest):
-            logits, state, attn = model.decode_step(prev, state, enc)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            best, prev = _force_eos(log_probs, step >= budget[rows], eos_id).max(dim=-1)
+            must_end = step >= budget[rows]
+            best, prev, state, attn = _row_top(model, prev, state, enc, 1, must_end, eos_id)
+            best, prev = best[:, 0], prev[:, 0]
             prev = prev.masked_fill(~alive, eos_id)
             total[rows] = total[rows] + best.masked_fill(~alive, 0.0)
             tokens[rows, step] = prev
@@ -363,10 +389,13 @@ def beam_search(
         finished = _no_finished(beams, int(budget.max()))
         active = torch.arange(batch, device=src.device)  # sentences still searched
         for step in range(int(budget.max()) + 1):
-            logits, state, attn = model.decode_step(_last_tokens(beams, bos_id), state, enc)
             at_budget = step >= budget
             must_end = at_budget.repeat_interleave(k)
-            candidates = _top_candidates(beams.scores, logits.float(), must_end, eos_id)
+            width = k + 1  # enough: see _top_candidates
+            row_best, row_tokens, state, attn = _row_top(
+                model, _last_tokens(beams, bos_id), state, enc, width, must_end, eos_id
+            )
+            candidates = _top_candidates(beams.scores, row_best, row_tokens)
             finished = _finalise(
                 finished, active, beams, candidates, attn, alpha=alpha, eos_id=eos_id
             )
@@ -446,7 +475,7 @@ def _last_tokens(beams: _Beams, bos_id: int) -> Tensor:
     return beams.tokens[:, :, -1].reshape(-1)
 
 
-def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: int) -> _Candidates:
+def _top_candidates(scores: Tensor, row_best: Tensor, row_tokens: Tensor) -> _Candidates:
     """Best 2K extensions per sentence over all (beam, token) pairs.
 
     2K guarantees K non-EOS candidates, since each beam contributes at most one EOS.
@@ -457,18 +486,14 @@ def _top_candidates(scores: Tensor, logits: Tensor, must_end: Tensor, eos_id: in
     K x (K+1) survivors, gives the same beams and finished hypotheses as ranking all
     K x V sums, without a (B, K x V) tensor. (Width K + 1 rather than 2K is less
     work; end to end it measured within noise, at beam 5 and 12 alike.)
-    ``log_softmax`` normalises in one fused pass, where ``logsumexp`` on CPU writes
-    (N, V) temporaries; the chosen tokens and scores are the same.
 
     Args:
         scores: (B, K) cumulative log-probs of the live hypotheses.
-        logits: (B*K, V) next-token logits, float32.
-        must_end: (B*K,) rows at their length budget: only EOS may follow.
+        row_best: (B*K, W) each hypothesis' best next-token log-probs (``_row_top``).
+        row_tokens: (B*K, W) long, those tokens.
     """
     batch, k = scores.shape
-    log_probs = torch.log_softmax(logits, dim=-1)
-    width = min(k + 1, logits.size(-1))
-    row_best, row_tokens = _force_eos(log_probs, must_end, eos_id).topk(width, dim=-1)
+    width = row_best.size(-1)
     totals = scores[:, :, None] + row_best.view(batch, k, width)
     best, flat = totals.view(batch, k * width).topk(min(2 * k, k * width), dim=1)
     tokens = row_tokens.view(batch, k * width).gather(1, flat)

@@ -19,16 +19,22 @@ follows frequency (the specials come first). Both levels read the same
 deep-output vector and the same rows of the (tied) output embeddings and bias;
 the tail class has its own vector and bias. ``log_probs`` returns the whole
 normalised distribution, so search, ensembles and validation loss use it like
-any other scores. Label smoothing applies within each level.
+any other scores; ``top`` finds each row's best pieces for search while
+scoring the tail only for rows where a tail piece could be among them. Label smoothing applies
+within each level.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.loss import smoothed_nll
+
+NEG_INF = -math.inf
 
 
 def _head_logits(hidden: Tensor, generator: nn.Linear, tail: nn.Linear, head: int) -> Tensor:
@@ -89,3 +95,51 @@ def loss(
         everywhere = torch.ones_like(tail_target, dtype=torch.bool)
         total = total + smoothed_nll(tail_logits, tail_target, everywhere, label_smoothing).sum()
     return total, int(real.sum())
+
+
+def top(
+    hidden: Tensor,
+    generator: nn.Linear,
+    tail: nn.Linear,
+    head: int,
+    *,
+    width: int,
+    must_end: Tensor,
+    eos_id: int,
+) -> tuple[Tensor, Tensor]:
+    """Each row's ``width`` most probable pieces under ``log_probs``, best first; rows
+    in ``must_end`` get EOS first and ``-inf`` after it.
+
+    Why: a tail piece's probability is at most the tail class's, so a row whose
+    ``width``-th best head piece beats the tail class never needs the tail's V - K
+    scores. Greedy search (``width`` 1) and beam search (``width`` K + 1) read only
+    these, and for most rows the tail, three quarters of the projection, is skipped.
+
+    Args:
+        hidden: (N, E) deep-output vectors.
+        width: pieces per row, at most K.
+        must_end: (N,) bool, rows at their length budget.
+        eos_id: EOS, which must be a head piece.
+
+    Returns:
+        log-probs (N, width) float32 and pieces (N, width) long.
+    """
+    if not 0 <= eos_id < head or width > head:
+        raise ValueError(f"EOS (id {eos_id}) and {width} pieces must fit in the {head} head")
+    head_lp = torch.log_softmax(_head_logits(hidden, generator, tail, head).float(), dim=-1)
+    scores, pieces = head_lp[:, :head].topk(width, dim=-1)
+    rows = ((head_lp[:, head] > scores[:, -1]) & ~must_end).nonzero()[:, 0]
+    if rows.numel():
+        tail_lp = torch.log_softmax(_tail_logits(hidden[rows], generator, head).float(), dim=-1)
+        tail_scores, tail_pieces = (tail_lp + head_lp[rows, head:]).topk(
+            min(width, tail_lp.size(-1)), dim=-1
+        )
+        merged, pick = torch.cat([scores[rows], tail_scores], -1).topk(width, dim=-1)
+        scores[rows] = merged
+        pieces[rows] = torch.cat([pieces[rows], tail_pieces + head], -1).gather(1, pick)
+    ends = must_end.nonzero()[:, 0]
+    if ends.numel():
+        scores[ends] = NEG_INF
+        scores[ends, 0] = head_lp[ends, eos_id]
+        pieces[ends, 0] = eos_id
+    return scores, pieces

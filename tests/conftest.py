@@ -58,19 +58,20 @@ def tiny_model(
         encoder_layers=sizes.get("encoder_layers", 1),
         decoder_layers=sizes.get("decoder_layers", 1),
         dropout=0.0,
+        softmax_head=sizes.get("softmax_head", 0),
     )
     return Seq2Seq.from_config(
         cfg, src_vocab=tokenizer.src_vocab_size, tgt_vocab=tokenizer.tgt_vocab_size, pad_id=PAD_ID
     ).eval()
 
 
-def lively_model(tokenizer: Tokenizer, *, seed: int = 1) -> Seq2Seq:
+def lively_model(tokenizer: Tokenizer, *, seed: int = 1, softmax_head: int = 0) -> Seq2Seq:
     """The tiny model with weights scaled up, so outputs differ between inputs.
 
     With the default small initialisation an untrained model emits one piece for every
     input, which would make order and batching tests pass vacuously.
     """
-    model = tiny_model(tokenizer, seed=seed)
+    model = tiny_model(tokenizer, seed=seed, softmax_head=softmax_head)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(10.0)

@@ -120,6 +120,23 @@ def test_ensemble_run_trains_seeded_members_on_a_split_budget(tmp_path):
     assert again.steps == 14 + 21
 
 
+def test_two_level_softmax_trains_and_its_bundle_scores_distributions(tmp_path):
+    """``model.softmax_head``: training runs through the two-level loss, and the
+    saved bundle brings back the tail class and scores normalised log-probs."""
+    cfg = _config(tmp_path, max_steps=12)
+    cfg.model.softmax_head = 30
+    result = Trainer.from_config(cfg, run_dir=tmp_path / "run").fit()
+    assert result.steps == 12
+    train = [r["loss"] for r in bundle.load_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert train and all(0 < loss < 20 for loss in train)
+    model = bundle.load(tmp_path / "run" / "last").model
+    assert model.decoder.softmax_head == 30 and model.decoder.tail is not None
+    src = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        scores, _ = model(src, torch.tensor([3]), torch.tensor([[1, 8, 9]]))
+    torch.testing.assert_close(scores.exp().sum(-1), torch.ones(1, 3))
+
+
 def test_budget_is_required(tmp_path):
     with pytest.raises(ValueError, match="never stop"):
         Trainer.from_config(_config(tmp_path, patience=0), run_dir=tmp_path / "run")

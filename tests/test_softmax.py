@@ -1,0 +1,183 @@
+"""The two-level softmax: a normalised distribution over every piece, and a
+training loss that is exactly its negative log-likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq import softmax
+from seq2seq.batching import collate
+from seq2seq.loss import masked_cross_entropy
+from seq2seq.search import beam_search, greedy
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+from .conftest import lively_model, tiny_model
+
+VOCAB, HEAD, WIDTH = 11, 4, 5
+
+
+def _layers(dtype: torch.dtype = torch.float32) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    return nn.Linear(WIDTH, VOCAB).to(dtype), nn.Linear(WIDTH, 1).to(dtype)
+
+
+def test_log_probs_by_hand():
+    generator, tail = _layers()
+    hidden = torch.randn(3, WIDTH)
+    got = softmax.log_probs(hidden, generator, tail, HEAD)
+    scores = generator(hidden)
+    head = torch.softmax(torch.cat([scores[:, :HEAD], tail(hidden)], 1), 1)
+    inside_tail = torch.softmax(scores[:, HEAD:], 1)
+    by_hand = torch.cat([head[:, :HEAD], head[:, HEAD:] * inside_tail], 1)
+    torch.testing.assert_close(got.exp(), by_hand)
+    torch.testing.assert_close(got.exp().sum(1), torch.ones(3))
+
+
+def test_loss_without_smoothing_is_the_negative_log_likelihood_of_log_probs():
+    """What training minimises is what search reads, and padding counts nothing."""
+    generator, tail = _layers(torch.float64)
+    hidden = torch.randn(2, 4, WIDTH, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[1, 7, 3, 10], [9, 2, PAD_ID, PAD_ID]])  # head and tail pieces
+    loss, n = softmax.loss(hidden, target, generator=generator, tail=tail, head=HEAD, pad_id=PAD_ID)
+    reference, n_ref = masked_cross_entropy(
+        softmax.log_probs(hidden, generator, tail, HEAD).double(), target, pad_id=PAD_ID
+    )
+    assert n == n_ref == 6
+    torch.testing.assert_close(loss, reference)
+    params = [hidden, generator.weight, generator.bias, tail.weight, tail.bias]
+    for ours, theirs in zip(
+        torch.autograd.grad(loss, params), torch.autograd.grad(reference, params), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_label_smoothing_applies_within_each_level():
+    eps = 0.1
+    generator, tail = _layers()
+    hidden = torch.randn(1, 2, WIDTH)
+    target = torch.tensor([[2, 8]])  # a head piece, then a tail piece
+    loss, _ = softmax.loss(
+        hidden,
+        target,
+        generator=generator,
+        tail=tail,
+        head=HEAD,
+        pad_id=PAD_ID,
+        label_smoothing=eps,
+    )
+    scores = generator(hidden[0])
+    head_lp = torch.log_softmax(torch.cat([scores[:, :HEAD], tail(hidden[0])], 1), 1)
+    tail_lp = torch.log_softmax(scores[1, HEAD:], 0)
+
+    def smoothed(lp: torch.Tensor, gold: int) -> float:
+        return (1 - eps) * -lp[gold].item() + eps * -lp.mean().item()
+
+    by_hand = smoothed(head_lp[0], 2) + smoothed(head_lp[1], HEAD) + smoothed(tail_lp, 8 - HEAD)
+    assert math.isclose(loss.item(), by_hand, rel_tol=1e-5)
+
+
+def test_a_batch_without_tail_targets_gives_the_tail_no_gradient():
+    generator, tail = _layers()
+    hidden = torch.randn(1, 3, WIDTH)
+    loss, _ = softmax.loss(
+        hidden, torch.tensor([[1, 2, 3]]), generator=generator, tail=tail, head=HEAD, pad_id=0
+    )
+    loss.backward()
+    assert generator.weight.grad[HEAD:].abs().sum() == 0
+    assert tail.weight.grad.abs().sum() > 0  # the tail class is still pushed down
+
+
+def test_model_scores_and_training_loss_agree(tokenizer, pairs):
+    """The teacher-forced scores equal step-by-step decoding, are log-probabilities,
+    and the model's training loss is their masked negative log-likelihood."""
+    model = tiny_model(tokenizer, softmax_head=10)
+    examples = list(
+        zip(
+            tokenizer.encode_src([s for s, _ in pairs[:4]]),
+            tokenizer.encode_tgt([t for _, t in pairs[:4]]),
+            strict=True,
+        )
+    )
+    batch = collate(examples)
+    with torch.no_grad():
+        scores, _ = model(batch.src, batch.src_lengths, batch.tgt_in)
+        enc = model.encode(batch.src, batch.src_lengths)
+        state, steps = model.init_state(enc), []
+        for t in range(batch.tgt_in.size(1)):
+            step, state, _ = model.decode_step(batch.tgt_in[:, t], state, enc)
+            steps.append(step)
+        loss, n = model.loss(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out)
+    torch.testing.assert_close(torch.stack(steps, 1), scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores.exp().sum(-1), torch.ones(scores.shape[:2]))
+    assert (batch.tgt_out >= 10).any(), "the batch must reach the tail"
+    reference, n_ref = masked_cross_entropy(scores, batch.tgt_out, pad_id=PAD_ID)
+    assert n == n_ref
+    torch.testing.assert_close(loss, reference, atol=1e-4, rtol=1e-5)
+
+
+def test_head_must_leave_a_tail(tokenizer):
+    with pytest.raises(ValueError, match=r"model\.softmax_head"):
+        tiny_model(tokenizer, softmax_head=tokenizer.tgt_vocab_size)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
+    generator, tail = _layers()
+    with torch.no_grad():
+        tail.bias.fill_(1.5)  # the tail class is likely: some rows need the tail
+    hidden = torch.randn(64, WIDTH)
+    must_end = torch.zeros(64, dtype=torch.bool)
+    must_end[::7] = True
+    eos = 2
+    with torch.no_grad():
+        scores, pieces = softmax.top(
+            hidden, generator, tail, HEAD, width=width, must_end=must_end, eos_id=eos
+        )
+        full = softmax.log_probs(hidden, generator, tail, HEAD)
+    expected_scores, expected_pieces = full.topk(width, dim=-1)
+    free = ~must_end
+    assert torch.equal(pieces[free], expected_pieces[free])
+    torch.testing.assert_close(scores[free], expected_scores[free])
+    assert (pieces[must_end, 0] == eos).all()
+    torch.testing.assert_close(scores[must_end, 0], full[must_end, eos])
+    assert (scores[must_end, 1:] == float("-inf")).all()
+    from_tail = (pieces[free] >= HEAD).any(-1)
+    assert from_tail.any() and not from_tail.all()
+
+
+class _FullScoresOnly:
+    """The same model seen through ``decode_step`` alone: search ranks full scores."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.encode, self.init_state = model.encode, model.init_state
+        self.decode_step = model.decode_step
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+def test_pruned_search_equals_search_over_full_scores(tokenizer, pairs, beam):
+    """``top_step`` skips the tail where it cannot matter: the same outputs."""
+    model = lively_model(tokenizer, softmax_head=10, seed=4)
+    with torch.no_grad():  # measured: then search picks from both levels
+        model.decoder.tail.bias.add_(4.5)
+    src = tokenizer.encode_src([s for s, _ in pairs[:12]])
+    batch = collate([(s, [5]) for s in src])
+    ids = {"bos_id": BOS_ID, "eos_id": EOS_ID, "max_len_a": 1.2, "max_len_b": 3}
+    outputs = []
+    for searched in (model, _FullScoresOnly(model)):
+        if beam == 1:
+            hyps = greedy(searched, batch.src, batch.src_lengths, **ids)
+        else:
+            hyps = beam_search(
+                searched, batch.src, batch.src_lengths, beam_size=beam, nbest=beam, **ids
+            )
+        outputs.append([[(h.tokens, h.log_prob) for h in nbest] for nbest in hyps])
+    pruned, full = outputs
+    assert [[t for t, _ in n] for n in pruned] == [[t for t, _ in n] for n in full]
+    for n_pruned, n_full in zip(pruned, full, strict=True):
+        assert [p for _, p in n_pruned] == pytest.approx([p for _, p in n_full], rel=1e-4)
+    chosen = [t for n in pruned for tokens, _ in n for t in tokens]
+    assert any(t >= 10 for t in chosen) and any(t < 10 for t in chosen)
