@@ -351,13 +351,7 @@ class Decoder(nn.Module):
                 eos_id=eos_id,
             )
         log_probs = torch.log_softmax(self.scores(hidden).float(), dim=-1)
-        scores, pieces = log_probs.topk(min(width, log_probs.size(-1)), dim=-1)
-        ends = must_end.nonzero()[:, 0]
-        if ends.numel():
-            scores[ends] = float("-inf")
-            scores[ends, 0] = log_probs[ends, eos_id]
-            pieces[ends, 0] = eos_id
-        return scores, pieces
+        return softmax.top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
 
     def loss(
         self, hidden: Tensor, target: Tensor, *, pad_id: int, label_smoothing: float

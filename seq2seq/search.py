@@ -39,6 +39,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from seq2seq.softmax import top_of
+
 __all__ = [
     "Hypothesis",
     "Searchable",
@@ -62,7 +64,11 @@ class Selectable(Protocol):
 
 
 class Searchable(Protocol):
-    """What search needs from a model; `seq2seq.model.Seq2Seq` satisfies it."""
+    """What search needs from a model; `seq2seq.model.Seq2Seq` satisfies it.
+
+    A model may also offer ``top_step`` (see `_row_top`), which returns only each
+    row's best next tokens; search then never asks for the full scores.
+    """
 
     def encode(self, src: Tensor, src_lengths: Tensor, /) -> Selectable:
         """Encode ``src`` (B, S) long with ``src_lengths`` (B,) long."""
@@ -161,27 +167,8 @@ def _row_top(
         return own_step(prev, state, enc, width=width, must_end=must_end, eos_id=eos_id)
     logits, state, attn = model.decode_step(prev, state, enc)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    width = min(width, log_probs.size(-1))
-    best, tokens = _force_eos(log_probs, must_end, eos_id).topk(width, dim=-1)
+    best, tokens = top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
     return best, tokens, state, attn
-
-
-def _force_eos(logits: Tensor, must_end: Tensor, eos_id: int) -> Tensor:
-    """Leave only EOS possible for rows at their length budget; EOS keeps its own score.
-
-    Only the rows at their budget are rewritten: building a full (N, V) mask every step
-    cost about a tenth of decoding time, for rows that are almost never at the budget.
-
-    Args:
-        logits: (N, V).
-        must_end: (N,) bool.
-    """
-    rows = must_end.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return logits
-    forced = torch.full_like(logits[rows], NEG_INF)
-    forced[:, eos_id] = logits[rows, eos_id]
-    return logits.index_copy(0, rows, forced)
 
 
 # ----------------------------------------------------------------------------------- greedy
