@@ -36,7 +36,8 @@ def test_every_group_option_composes(group):
             ]
         config = OmegaConf.to_object(_compose("train", overrides))
         assert isinstance(config, TrainApp)
-        Seq2Seq.from_config(config.model, src_vocab=50, tgt_vocab=60, pad_id=0)
+        tgt_vocab = max(60, config.model.softmax_head + 1)  # a two-level head needs a tail
+        Seq2Seq.from_config(config.model, src_vocab=50, tgt_vocab=tgt_vocab, pad_id=0)
 
 
 def test_unknown_keys_fail():
