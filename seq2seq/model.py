@@ -336,10 +336,18 @@ class Decoder(nn.Module):
         return softmax.log_probs(hidden, self.generator, self.tail, self.softmax_head)
 
     def top(
-        self, hidden: Tensor, *, width: int, must_end: Tensor, eos_id: int
+        self,
+        hidden: Tensor,
+        *,
+        width: int,
+        must_end: Tensor,
+        eos_id: int,
+        offsets: Tensor | None = None,
+        keep: int = 0,
     ) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` best pieces and their log-probs, from (N, E); rows in
-        ``must_end`` get EOS first and ``-inf`` after it."""
+        ``must_end`` get EOS first and ``-inf`` after it. ``offsets`` and ``keep``:
+        see ``Seq2Seq.top_step``."""
         if self.tail is not None and eos_id < self.softmax_head and width <= self.softmax_head:
             return softmax.top(
                 hidden,
@@ -349,8 +357,14 @@ class Decoder(nn.Module):
                 width=width,
                 must_end=must_end,
                 eos_id=eos_id,
+                offsets=offsets,
+                keep=keep,
             )
-        log_probs = torch.log_softmax(self.scores(hidden).float(), dim=-1)
+        if self.tail is None:
+            return softmax.top_full(
+                hidden, self.generator, width=width, must_end=must_end, eos_id=eos_id
+            )
+        log_probs = self.scores(hidden)
         return softmax.top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
 
     def loss(
@@ -601,6 +615,8 @@ class Seq2Seq(nn.Module):
         width: int,
         must_end: Tensor,
         eos_id: int,
+        offsets: Tensor | None = None,
+        keep: int = 0,
     ) -> tuple[Tensor, Tensor, DecoderState, Tensor]:
         """One search step that returns only each row's ``width`` best next pieces.
 
@@ -611,6 +627,11 @@ class Seq2Seq(nn.Module):
         Args:
             prev_tokens: (N,) the previous token of each row.
             must_end: (N,) bool, rows whose next token must be EOS.
+            offsets: optional (G, k): each row's log-prob so far, rows in groups of k
+                (a sentence's beams). Then a row's pieces are exact only as far as
+                search reads them: every (row, piece) whose offset plus log-prob
+                ranks among its group's ``keep`` best is returned.
+            keep: see ``offsets``.
 
         Returns:
             log-probs (N, width) and pieces (N, width), best first (EOS then
@@ -618,7 +639,7 @@ class Seq2Seq(nn.Module):
         """
         hidden, state, weights = self.decoder.features(prev_tokens[:, None], state, enc)
         scores, pieces = self.decoder.top(
-            hidden[:, 0], width=width, must_end=must_end, eos_id=eos_id
+            hidden[:, 0], width=width, must_end=must_end, eos_id=eos_id, offsets=offsets, keep=keep
         )
         return scores, pieces, state, weights[:, 0]
 

@@ -154,17 +154,30 @@ def _row_top(
     width: int,
     must_end: Tensor,
     eos_id: int,
+    offsets: Tensor | None = None,
+    keep: int = 0,
 ) -> tuple[Tensor, Tensor, Any, Tensor]:
     """One step: each row's ``width`` best next tokens and their log-probs, best first
     (EOS first and ``-inf`` after it where ``must_end``), the new state, attention.
 
-    A model may offer ``top_step`` (same results) to find them without scoring every
-    token (``Seq2Seq``'s two-level softmax does); otherwise ``decode_step``'s scores
+    A model may offer ``top_step`` (same results as far as search reads them) to find
+    them without scoring every token (``Seq2Seq``'s two-level softmax does): beam
+    search tells it each beam's score so far (``offsets``, (B, K)) and that only a
+    sentence's best ``keep`` extensions are read. Otherwise ``decode_step``'s scores
     are normalised in one fused ``log_softmax`` pass and ranked.
     """
     own_step = getattr(model, "top_step", None)
     if own_step is not None:
-        return own_step(prev, state, enc, width=width, must_end=must_end, eos_id=eos_id)
+        return own_step(
+            prev,
+            state,
+            enc,
+            width=width,
+            must_end=must_end,
+            eos_id=eos_id,
+            offsets=offsets,
+            keep=keep,
+        )
     logits, state, attn = model.decode_step(prev, state, enc)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     best, tokens = top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
@@ -380,7 +393,15 @@ def beam_search(
             must_end = at_budget.repeat_interleave(k)
             width = k + 1  # enough: see _top_candidates
             row_best, row_tokens, state, attn = _row_top(
-                model, _last_tokens(beams, bos_id), state, enc, width, must_end, eos_id
+                model,
+                _last_tokens(beams, bos_id),
+                state,
+                enc,
+                width,
+                must_end,
+                eos_id,
+                offsets=beams.scores,
+                keep=2 * k,
             )
             candidates = _top_candidates(beams.scores, row_best, row_tokens)
             finished = _finalise(

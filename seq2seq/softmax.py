@@ -106,38 +106,94 @@ def top(
     width: int,
     must_end: Tensor,
     eos_id: int,
+    offsets: Tensor | None = None,
+    keep: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Each row's ``width`` most probable pieces under ``log_probs``, best first; rows
     in ``must_end`` get EOS first and ``-inf`` after it.
 
-    Why: a tail piece's probability is at most the tail class's, so a row whose
-    ``width``-th best head piece beats the tail class never needs the tail's V - K
-    scores. Greedy search (``width`` 1) and beam search (``width`` K + 1) read only
-    these, and for most rows the tail, three quarters of the projection, is skipped.
+    Why: a tail piece's probability is at most the tail class's, so the tail's
+    V - K scores (three quarters of the projection) are computed only for rows
+    where a tail piece could still matter. Without ``offsets`` that is a row
+    whose tail class beats its ``width``-th best head piece (greedy search). With
+    them, rows form groups (a sentence's beams): a tail piece matters only if its
+    offset plus log-prob could rank among its group's ``keep`` best, so the
+    results are exact for those ``keep`` (all search reads) while beams far
+    behind skip the tail; on Multi30k at beam 5 that halves the rows scored.
 
     Args:
         hidden: (N, E) deep-output vectors.
         width: pieces per row, at most K.
         must_end: (N,) bool, rows at their length budget.
         eos_id: EOS, which must be a head piece.
+        offsets: optional (G, k) score added to each row's log-probs (a beam's
+            log-prob so far), rows grouped k at a time; ``-inf`` marks an empty row.
+        keep: with ``offsets``, how many best (row, piece) sums per group must be exact.
 
     Returns:
         log-probs (N, width) float32 and pieces (N, width) long.
     """
     if not 0 <= eos_id < head or width > head:
         raise ValueError(f"EOS (id {eos_id}) and {width} pieces must fit in the {head} head")
-    head_lp = torch.log_softmax(_head_logits(hidden, generator, tail, head).float(), dim=-1)
-    scores, pieces = head_lp[:, :head].topk(width, dim=-1)
-    rows = ((head_lp[:, head] > scores[:, -1]) & ~must_end).nonzero()[:, 0]
+    head_scores = class_scores(hidden, generator.weight[:head], generator.bias[:head]).float()
+    tail_class = class_scores(hidden, tail.weight, tail.bias).float()[0]
+    norm = torch.logaddexp(head_scores.logsumexp(0), tail_class)
+    best, pieces = head_scores.topk(width, dim=0)
+    scores = (best - norm).t().contiguous()
+    tail_lp = tail_class - norm
+    scores, pieces = _end_where(
+        must_end, scores, pieces.t().contiguous(), head_scores[eos_id] - norm, eos_id
+    )
+    if offsets is None:
+        offsets, keep = torch.zeros_like(tail_lp)[:, None], width
+    rows = _rows_needing_tail(scores, tail_lp, offsets, keep, must_end)
     if rows.numel():
-        tail_lp = torch.log_softmax(_tail_logits(hidden[rows], generator, head).float(), dim=-1)
-        tail_scores, tail_pieces = (tail_lp + head_lp[rows, head:]).topk(
-            min(width, tail_lp.size(-1)), dim=-1
-        )
-        merged, pick = torch.cat([scores[rows], tail_scores], -1).topk(width, dim=-1)
+        tail_scores = class_scores(hidden[rows], generator.weight[head:], generator.bias[head:])
+        tail_scores = tail_scores.float()
+        tail_best, tail_pieces = tail_scores.topk(min(width, tail_scores.size(0)), dim=0)
+        tail_best = tail_best - tail_scores.logsumexp(0) + tail_lp[rows]
+        merged, pick = torch.cat([scores[rows], tail_best.t()], -1).topk(width, dim=-1)
         scores[rows] = merged
-        pieces[rows] = torch.cat([pieces[rows], tail_pieces + head], -1).gather(1, pick)
-    return _end_where(must_end, scores, pieces, head_lp[:, eos_id], eos_id)
+        pieces[rows] = torch.cat([pieces[rows], tail_pieces.t() + head], -1).gather(1, pick)
+    return scores, pieces
+
+
+def _rows_needing_tail(
+    scores: Tensor, tail_lp: Tensor, offsets: Tensor, keep: int, must_end: Tensor
+) -> Tensor:
+    """(R,) rows whose best tail piece could rank among their group's ``keep`` best.
+
+    Every tail piece of a row scores at most ``offset + tail_lp``; if that is below
+    the group's ``keep``-th best head sum, no tail piece can enter the group's best.
+    """
+    groups, k = offsets.shape
+    sums = (offsets[:, :, None] + scores.view(groups, k, -1)).view(groups, -1)
+    floor = sums.topk(min(keep, sums.size(1)), dim=1).values[:, -1]
+    bound = offsets.reshape(-1) + tail_lp
+    need = torch.isfinite(bound) & (bound >= floor.repeat_interleave(k)) & ~must_end
+    return need.nonzero()[:, 0]
+
+
+def top_full(
+    hidden: Tensor, generator: nn.Linear, *, width: int, must_end: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """``top`` for a full softmax over ``generator``'s classes, from (N, E) vectors."""
+    logits = class_scores(hidden, generator.weight, generator.bias).float()
+    norm = logits.logsumexp(0)
+    best, pieces = logits.topk(min(width, logits.size(0)), dim=0)
+    scores = (best - norm).t().contiguous()
+    return _end_where(must_end, scores, pieces.t().contiguous(), logits[eos_id] - norm, eos_id)
+
+
+def class_scores(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """(C, N) scores of N vectors (N, E) against C classes, class-major.
+
+    Why class-major: for thousands of classes and tens to hundreds of rows (a
+    search step), MKL's ``W h^T`` ran about twice as fast as ``h W^T`` on a Zen 3
+    core pair (2.7 against 4.6 ms for 64 rows and 6,000 classes; 2.9 against
+    6.1 ms for 320 rows and 2,001), and ranking along dim 0 costs the same.
+    """
+    return torch.addmm(bias[:, None], weight, hidden.t())
 
 
 def top_of(

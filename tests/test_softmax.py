@@ -149,6 +149,49 @@ def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
     assert from_tail.any() and not from_tail.all()
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_with_offsets_is_exact_for_each_groups_best(k):
+    """Beam search reads each sentence's best ``keep`` (beam score + log-prob) sums:
+    those must be exactly the sums over the full distribution, although rows far
+    behind their group skip the tail."""
+    generator, tail = _layers()
+    with torch.no_grad():
+        tail.bias.fill_(1.0)
+        generator.bias[HEAD] += 6.0  # one tail piece takes almost all the tail's mass
+    groups, width, keep = 300, k + 1, 2 * k
+    torch.manual_seed(1)
+    hidden = torch.randn(groups * k, WIDTH)
+    offsets = -3 * torch.rand(groups, k)
+    offsets[::5, 1:] = float("-inf")  # sentences with one live beam, as at the first step
+    must_end = torch.zeros(groups * k, dtype=torch.bool)
+    with torch.no_grad():
+        scores, pieces = softmax.top(
+            hidden,
+            generator,
+            tail,
+            HEAD,
+            width=width,
+            must_end=must_end,
+            eos_id=2,
+            offsets=offsets,
+            keep=keep,
+        )
+        full = softmax.log_probs(hidden, generator, tail, HEAD)
+
+    def best_sums(row_scores: torch.Tensor) -> torch.Tensor:
+        sums = (offsets[:, :, None] + row_scores.view(groups, k, -1)).view(groups, -1)
+        return sums.topk(keep, dim=1).values
+
+    torch.testing.assert_close(best_sums(scores), best_sums(full.topk(width, dim=-1).values))
+    picked = best_sums(scores)
+    assert torch.isfinite(picked).any(1).all()
+    row_rule = (pieces >= HEAD).any(-1)
+    exact_rows = (pieces == full.topk(width, dim=-1).indices).all(-1)
+    assert row_rule.any()
+    if k > 1:
+        assert not exact_rows.all()  # some rows behind their group skipped the tail
+
+
 class _FullScoresOnly:
     """The same model seen through ``decode_step`` alone: search ranks full scores."""
 
