@@ -16,6 +16,11 @@ def _inputs(batch: int = 3, steps: int = 4, source: int = 5, size: int = 6):
     return keys, queries, v
 
 
+def _sigmoid_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``additive_scores`` of undoubled projections, as attention calls it."""
+    return additive_scores(2 * keys, 2 * queries, v)
+
+
 def _tanh_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(keys[:, None] + queries[:, :, None]) * v).sum(-1)
 
@@ -24,7 +29,7 @@ def _tanh_scores(keys: torch.Tensor, queries: torch.Tensor, v: torch.Tensor) -> 
 def test_scores_differ_from_the_tanh_form_by_a_constant(dtype):
     """In training's and decoding's dtypes too, to their precision."""
     keys, queries, v = (t.detach().to(dtype) for t in _inputs())
-    shift = additive_scores(keys, queries, v).double() - _tanh_scores(keys, queries, v).double()
+    shift = _sigmoid_scores(keys, queries, v).double() - _tanh_scores(keys, queries, v).double()
     atol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
     torch.testing.assert_close(shift, v.sum().double().expand_as(shift), atol=atol, rtol=0)
 
@@ -35,7 +40,7 @@ def test_weights_and_gradients_match_the_tanh_form():
     keys, queries, v = _inputs()
     readout = torch.randn(3, 4, 5, dtype=torch.float64)  # a loss that weighs every weight
     results = []
-    for scores in (_tanh_scores, additive_scores):
+    for scores in (_tanh_scores, _sigmoid_scores):
         weights = torch.softmax(scores(keys, queries, v), dim=-1)
         grads = torch.autograd.grad((weights * readout).sum(), [keys, queries, v])
         results.append((weights, *grads))

@@ -99,6 +99,26 @@ def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell,
     torch.testing.assert_close(torch.stack(attns, 1), attn, atol=1e-6, rtol=1e-5)
 
 
+def test_search_steps_follow_weights_changed_in_place(tokenizer, pairs):
+    """Search reads a per-token table built from the weights; an optimiser step (an
+    in-place update) between two searches must not leave it stale."""
+    model = tiny_model(tokenizer)
+    batch = collate(_pairs(tokenizer, pairs))
+
+    def first_step() -> torch.Tensor:
+        enc = model.encode(batch.src, batch.src_lengths)
+        return model.decode_step(batch.tgt_in[:, 0], model.init_state(enc), enc)[0]
+
+    with torch.no_grad():
+        before = first_step()
+        for param in model.decoder.parameters():
+            param.mul_(1.5)
+        after = first_step()
+        logits, _ = model(batch.src, batch.src_lengths, batch.tgt_in)
+    torch.testing.assert_close(after, logits[:, 0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
 def test_state_select_reorders_rows(tokenizer, pairs):
     model = tiny_model(tokenizer, cell="lstm", decoder_layers=2)
     batch = collate(_pairs(tokenizer, pairs, n=3))
