@@ -8,10 +8,11 @@ import torch
 
 from seq2seq import bundle
 from seq2seq.batching import collate
-from seq2seq.config import ModelConfig, TrainApp
+from seq2seq.config import ModelConfig, OptimConfig, TrainApp
 from seq2seq.loss import masked_cross_entropy
 from seq2seq.model import Dropout, Seq2Seq
 from seq2seq.tokenizer import PAD_ID
+from seq2seq.trainer import build_optimizer
 
 from .conftest import tiny_model
 
@@ -99,9 +100,11 @@ def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell,
     torch.testing.assert_close(torch.stack(attns, 1), attn, atol=1e-6, rtol=1e-5)
 
 
-def test_search_steps_follow_weights_changed_in_place(tokenizer, pairs):
-    """Search reads a per-token table built from the weights; an optimiser step (an
-    in-place update) between two searches must not leave it stale."""
+@pytest.mark.parametrize("update", ["in place", "fused optimiser"])
+def test_search_steps_follow_weight_updates(tokenizer, pairs, update):
+    """Search reads a per-token table built from the weights; neither an in-place
+    change nor a training step (the fused optimiser bumps no version counter) may
+    leave it stale."""
     model = tiny_model(tokenizer)
     batch = collate(_pairs(tokenizer, pairs))
 
@@ -111,8 +114,18 @@ def test_search_steps_follow_weights_changed_in_place(tokenizer, pairs):
 
     with torch.no_grad():
         before = first_step()
-        for param in model.decoder.parameters():
-            param.mul_(1.5)
+    if update == "in place":
+        with torch.no_grad():
+            for param in model.decoder.parameters():
+                param.mul_(1.5)
+    else:
+        optimiser = build_optimizer(model, OptimConfig(lr=0.05))
+        model.train()
+        loss, _ = model.loss(batch.src, batch.src_lengths, batch.tgt_in, batch.tgt_out)
+        loss.backward()
+        optimiser.step()
+        model.eval()
+    with torch.no_grad():
         after = first_step()
         logits, _ = model(batch.src, batch.src_lengths, batch.tgt_in)
     torch.testing.assert_close(after, logits[:, 0], atol=1e-5, rtol=1e-5)
