@@ -235,6 +235,9 @@ class DecodeConfig:
     max_len_b: int = 10
     max_input_tokens: int = 250
     precision: Precision = Precision.fp32
+    # Batches searched at once, each on its own share of the intra-op threads;
+    # 0 = one per thread on CPU (one on CUDA). Outputs do not depend on it.
+    workers: int = 0
 
 
 # ------------------------------------------------------------------------- primaries

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,28 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in native)
 
 
+@contextmanager
+def _batch_workers(count: int) -> Iterator[Callable[..., Iterator[Any]]]:
+    """A ``map`` that runs ``count`` batches at once, each thread with its share of
+    the intra-op threads (restored afterwards).
+
+    Why: a search step is many small operations (64 to 320 rows), which use two
+    cores poorly; two batches side by side, one core each, searched Multi30k's test
+    set 35% faster greedy and 14% faster at beam 5 on a 2-core Zen 3 VM than one
+    batch on both cores. Each batch's search is unchanged, so outputs are too.
+    """
+    if count <= 1:
+        yield map
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // count))
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(threads)
+
+
 def check_decode(decode: DecodeConfig) -> None:
     """Fail before any input is read when decoding settings cannot work together."""
     if decode.beam_size < 1:
@@ -84,6 +108,8 @@ def check_decode(decode: DecodeConfig) -> None:
         raise ValueError(f"decode.batch_size={decode.batch_size}; it must be at least 1")
     if decode.max_input_tokens < 0:
         raise ValueError(f"decode.max_input_tokens={decode.max_input_tokens}; use 0 for no limit")
+    if decode.workers < 0:
+        raise ValueError(f"decode.workers={decode.workers}; use 0 for one per CPU thread")
 
 
 @dataclass(frozen=True)
@@ -227,19 +253,37 @@ class Translator:
         results: list[list[Hypothesis]] = [[] for _ in src_ids]
         order = sorted((i for i, s in enumerate(src_ids) if s), key=lambda i: len(src_ids[i]))
         size = self.decode.batch_size
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
         self.model.eval()
-        bf16 = use_bf16(self.decode.precision, self.device)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        # no_grad, not inference_mode: autocast keeps its bf16 copies of the weights
-        # only outside inference mode; inside it, every step re-cast every weight.
-        with torch.no_grad(), autocast:
-            for start in range(0, len(order), size):
-                batch = order[start : start + size]
-                src, lengths = pad([src_ids[i] for i in batch])
-                hyps = self._search(src.to(self.device), lengths.to(self.device), attention)
+
+        def search(batch: list[int]) -> list[list[Hypothesis]]:
+            src, lengths = pad([src_ids[i] for i in batch])
+            with self._search_mode():
+                return self._search(src.to(self.device), lengths.to(self.device), attention)
+
+        with _batch_workers(self._workers(len(batches))) as run:
+            for batch, hyps in zip(batches, run(search, batches), strict=True):
                 for i, h in zip(batch, hyps, strict=True):
                     results[i] = h
         return results
+
+    @contextmanager
+    def _search_mode(self) -> Iterator[None]:
+        """No autograd, and bf16 autocast if ``decode.precision`` asks for it; per
+        thread, as both are thread-local."""
+        bf16 = use_bf16(self.decode.precision, self.device)
+        # no_grad, not inference_mode: autocast keeps its bf16 copies of the weights
+        # only outside inference mode; inside it, every step re-cast every weight.
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield
+
+    def _workers(self, batches: int) -> int:
+        """How many batches to search at once: ``decode.workers``, or on CPU one per
+        intra-op thread (never more than there are batches)."""
+        wanted = self.decode.workers
+        if wanted == 0:
+            wanted = torch.get_num_threads() if self.device.type == "cpu" else 1
+        return max(1, min(wanted, batches))
 
     def _search(self, src: Tensor, lengths: Tensor, attention: bool) -> list[list[Hypothesis]]:
         """One padded batch through greedy (beam 1, 1-best: the fast path) or beam search.

@@ -145,6 +145,22 @@ def test_translation_never_depends_on_batch_size(model, tokenizer, sentences, be
             assert hs[0].score == pytest.approx(ref[0].score, abs=1e-4)
 
 
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_batches_searched_side_by_side_give_the_same_results(
+    model, tokenizer, sentences, beam_size
+):
+    """Workers only change which batches run at once: same n-best lists, in input
+    order, and the intra-op thread count is given back afterwards."""
+    threads = torch.get_num_threads()
+    results = []
+    for workers in (1, 3):
+        translator = make(model, tokenizer, beam_size=beam_size, batch_size=2, workers=workers)
+        results.append(translator.hypotheses(sentences))
+        assert torch.get_num_threads() == threads
+    alone, side_by_side = ([[(h.tokens, h.score) for h in hs] for hs in r] for r in results)
+    assert side_by_side == alone
+
+
 def test_beam_1_equals_greedy(model, tokenizer, sentences):
     translator = make(model, tokenizer, beam_size=1, batch_size=4)
     ids = tokenizer.encode_src(sentences)
@@ -222,6 +238,7 @@ def test_with_decode_shares_the_model(model, tokenizer):
         ({"beam_size": 0}, "decode.beam_size=0"),
         ({"beam_size": 2, "nbest": 3}, "decode.nbest=3 must be between 1 and decode.beam_size=2"),
         ({"batch_size": 0}, "decode.batch_size=0"),
+        ({"workers": -1}, "decode.workers=-1"),
     ],
 )
 def test_bad_decode_settings_fail_early(changes, message):
