@@ -119,7 +119,8 @@ def top(
     them, rows form groups (a sentence's beams): a tail piece matters only if its
     offset plus log-prob could rank among its group's ``keep`` best, so the
     results are exact for those ``keep`` (all search reads) while beams far
-    behind skip the tail; on Multi30k at beam 5 that halves the rows scored.
+    behind skip the tail; on Multi30k at beam 5, 28% of the rows score it
+    instead of 65%.
 
     Args:
         hidden: (N, E) deep-output vectors.
