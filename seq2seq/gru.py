@@ -162,16 +162,23 @@ def bidirectional_gru(x: Tensor, lengths: Tensor, rnn: nn.GRU) -> tuple[Tensor, 
     batch, steps, size = x.size(0), x.size(1), rnn.hidden_size
     positions = torch.arange(steps, device=x.device)
     real = positions < lengths[:, None]  # (B, S)
-    # Position s of the reversed sentence b is original position len_b - 1 - s.
+    # Position s of the reversed sentence b is original position len_b - 1 - s: as a
+    # row of the flattened (B * S) batch, so one row copy (index_select) of the
+    # inputs reverses every sentence (a gather of the gates with an expanded index
+    # took 3.3 ms of a 33 ms encoder call at 64 x 15), and one batched matmul
+    # gives each direction its input gates.
     reverse = torch.where(real, lengths[:, None] - 1 - positions, positions)
-    gates = torch.nn.functional.linear(x, w_ih.flatten(0, 1), b_ih.flatten())
-    gates = gates.view(batch, steps, 2, -1)
-    order = torch.stack([positions.expand(batch, -1), reverse], dim=2)  # (B, S, 2)
-    gates_x = gates.gather(1, order[..., None].expand_as(gates)).permute(2, 0, 1, 3)
+    rows = (torch.arange(batch, device=x.device)[:, None] * steps + reverse).view(-1)
+    flat = x.reshape(batch * steps, -1)
+    inputs = torch.stack([flat, flat.index_select(0, rows)])  # (2, B * S, E)
+    gates_x = torch.baddbmm(b_ih[:, None], inputs, w_ih.transpose(1, 2))
+    gates_x = gates_x.view(2, batch, steps, -1)
     dtype = gates_x.dtype  # bf16 under autocast: every tensor goes in it, as in nn.GRU
     h0 = gates_x.new_zeros(2, batch, size)
     out = _Recurrence.apply(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype))  # (2, B, S, h)
-    backward_states = out[1].gather(1, reverse[..., None].expand(-1, -1, size))
+    # Reversing within each length is its own inverse: the same rows restore the order.
+    backward_states = out[1].reshape(batch * steps, size).index_select(0, rows)
+    backward_states = backward_states.view(batch, steps, size)
     final = torch.cat(
         [out[0, torch.arange(batch, device=x.device), lengths - 1], backward_states[:, 0]], -1
     )
