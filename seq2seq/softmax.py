@@ -139,12 +139,8 @@ def top(
     head_scores = class_scores(hidden, generator.weight[:head], generator.bias[:head]).float()
     tail_class = class_scores(hidden, tail.weight, tail.bias).float()[0]
     norm = torch.logaddexp(head_scores.logsumexp(0), tail_class)
-    best, pieces = head_scores.topk(width, dim=0)
-    scores = (best - norm).t().contiguous()
+    scores, pieces = _rank(head_scores, norm, width=width, must_end=must_end, eos_id=eos_id)
     tail_lp = tail_class - norm
-    scores, pieces = _end_where(
-        must_end, scores, pieces.t().contiguous(), head_scores[eos_id] - norm, eos_id
-    )
     if offsets is None:
         offsets, keep = torch.zeros_like(tail_lp)[:, None], width
     rows = _rows_needing_tail(scores, tail_lp, offsets, keep, must_end)
@@ -180,10 +176,17 @@ def top_full(
 ) -> tuple[Tensor, Tensor]:
     """``top`` for a full softmax over ``generator``'s classes, from (N, E) vectors."""
     logits = class_scores(hidden, generator.weight, generator.bias).float()
-    norm = logits.logsumexp(0)
-    best, pieces = logits.topk(min(width, logits.size(0)), dim=0)
-    scores = (best - norm).t().contiguous()
-    return _end_where(must_end, scores, pieces.t().contiguous(), logits[eos_id] - norm, eos_id)
+    return _rank(logits, logits.logsumexp(0), width=width, must_end=must_end, eos_id=eos_id)
+
+
+def _rank(
+    scores: Tensor, norm: Tensor, *, width: int, must_end: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """Each row's ``width`` best classes of class-major scores (C, N) as log-probs
+    (minus ``norm``, (N,)) and ids, row-major (N, width); ``must_end`` as in ``top``."""
+    best, pieces = scores.topk(min(width, scores.size(0)), dim=0)
+    log_probs = (best - norm).t().contiguous()
+    return _end_where(must_end, log_probs, pieces.t().contiguous(), scores[eos_id] - norm, eos_id)
 
 
 def class_scores(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
