@@ -404,10 +404,7 @@ class Decoder(nn.Module):
         if prev_tokens.size(1) == 1 and enc.context_gates.size(-1) and not self.training:
             return self._search_features(prev_tokens[:, 0], state, enc)
         emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
-        if emb.size(1) == 1 and enc.context_gates.size(-1):
-            new_state = self._gru_step(emb[:, 0], state, enc.context_gates)
-            outputs = new_state.hidden.transpose(0, 1)  # (B, 1, H)
-        elif enc.context_gates.size(-1):
+        if enc.context_gates.size(-1):
             outputs = self._gru_steps(emb, state, enc.context_gates)
             new_state = DecoderState(outputs[:, -1][None])
         else:
@@ -495,29 +492,6 @@ class Decoder(nn.Module):
         weight = self.rnn.weight_ih_l0[:, emb_size:]
         return F.linear(context.to(weight.dtype), weight, self.rnn.bias_ih_l0)
 
-    def _input_gates(self, emb: Tensor, context_gates: Tensor) -> Tensor:
-        """All the input gates, ``W_ih[:, :E] emb`` plus c's precomputed share.
-
-        Args:
-            emb: (B, E) for one search step, or (B, T, E) for all steps.
-            context_gates: (B, 3H) from ``context_gates``.
-
-        Returns:
-            (B, 3H) or (B, T, 3H).
-        """
-        weight = self.rnn.weight_ih_l0[:, : self.embed.embedding_dim]
-        if emb.dim() == 2:  # one step: a single fused matmul-and-add
-            return torch.addmm(context_gates, emb, weight.t())
-        return F.linear(emb, weight) + context_gates[:, None]
-
-    def _gru_step(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> DecoderState:
-        """One step of the one-layer GRU, reading the precomputed ``context_gates``;
-        equal to ``self.rnn`` on ``[emb; c]``."""
-        hidden = state.hidden[0]
-        gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        *_, new_hidden = gru_cell(self._input_gates(emb, context_gates), gates_h, hidden)
-        return DecoderState(new_hidden[None])
-
     def _gru_steps(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> Tensor:
         """All T steps of the one-layer GRU at once (teacher forcing): (B, T, H).
 
@@ -525,7 +499,8 @@ class Decoder(nn.Module):
         plus c's share, computed once per sentence (``seq2seq.gru`` says why).
         Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
         """
-        gates_x = self._input_gates(emb, context_gates)
+        weight = self.rnn.weight_ih_l0[:, : self.embed.embedding_dim]
+        gates_x = F.linear(emb, weight) + context_gates[:, None]  # W_ih[:, :E] emb + c's share
         dtype = gates_x.dtype
         return gru_recurrence(
             gates_x,
