@@ -119,6 +119,33 @@ class _Recurrence(torch.autograd.Function):
         return grad_x, grad_h, grad_w, flat.sum(1)
 
 
+def _run(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """``_Recurrence``'s forward without a graph, (D, N, T, H): for inference.
+
+    Why: the autograd version writes r, z, n and ``W_hn h`` of every step into a
+    buffer the size of the whole sequence for its backward; when nothing will be
+    differentiated that is a fifth of an encoder call spent writing memory
+    nothing reads. Here the gates go through one reused scratch buffer.
+    """
+    dirs, batch, steps, _ = gates_x.shape
+    out = gates_x.new_empty(dirs, batch, steps, h0.size(-1))
+    scratch = torch.empty_like(gates_x[:, :, 0])
+    w_t, bias = w_hh.transpose(1, 2), b_hh[:, None]
+    hidden = h0
+    for t in range(steps):
+        gates_h = torch.baddbmm(bias, hidden, w_t)
+        *_, hidden = gru_cell(gates_x[:, :, t], gates_h, hidden, gates=scratch, out=out[:, :, t])
+    return out
+
+
+def _recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """D GRUs over (D, N, T, 3H) input gates: (D, N, T, H), with a graph only if needed."""
+    inputs = (gates_x, h0, w_hh, b_hh)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _Recurrence.apply(*inputs)
+    return _run(*inputs)
+
+
 def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     """Run the GRU over all steps; differentiable in every argument.
 
@@ -130,7 +157,7 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> T
     Returns:
         (N, T, H) the state after every step.
     """
-    return _Recurrence.apply(gates_x[None], h0[None], w_hh[None], b_hh[None])[0]
+    return _recurrence(gates_x[None], h0[None], w_hh[None], b_hh[None])[0]
 
 
 def bidirectional_gru(x: Tensor, lengths: Tensor, rnn: nn.GRU) -> tuple[Tensor, Tensor]:
@@ -175,7 +202,7 @@ def bidirectional_gru(x: Tensor, lengths: Tensor, rnn: nn.GRU) -> tuple[Tensor, 
     gates_x = gates_x.view(2, batch, steps, -1)
     dtype = gates_x.dtype  # bf16 under autocast: every tensor goes in it, as in nn.GRU
     h0 = gates_x.new_zeros(2, batch, size)
-    out = _Recurrence.apply(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype))  # (2, B, S, h)
+    out = _recurrence(gates_x, h0, w_hh.to(dtype), b_hh.to(dtype))  # (2, B, S, h)
     # Reversing within each length is its own inverse: the same rows restore the order.
     backward_states = out[1].reshape(batch * steps, size).index_select(0, rows)
     backward_states = backward_states.view(batch, steps, size)

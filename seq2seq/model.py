@@ -42,7 +42,6 @@ from seq2seq.additive import additive_scores
 from seq2seq.config import ModelConfig
 from seq2seq.gru import bidirectional_gru, gru_cell, gru_recurrence
 from seq2seq.loss import masked_cross_entropy
-from seq2seq.packed import Packed
 
 Cell = Literal["gru", "lstm", "rnn"]
 AttentionKind = Literal["bahdanau", "luong", "none"]
@@ -67,6 +66,10 @@ class EncoderOutput:
         context_gates: (B, 3H) the context vector's share of a one-layer GRU decoder's
             input gates (bias included), computed once per sentence; (B, 0) for
             other decoders.
+        values: (B, S, E) for search with a one-layer GRU decoder in eval mode,
+            each state's share of the deep output (``W_o[:, H:2H] h_s``; c's share,
+            (B, 1, E), without attention), so a step's attention read-out comes
+            out already projected; (B, 0, 0) otherwise.
     """
 
     states: Tensor
@@ -74,6 +77,7 @@ class EncoderOutput:
     mask: Tensor
     context: Tensor
     context_gates: Tensor
+    values: Tensor
 
     def select(self, index: Tensor) -> EncoderOutput:
         """Rows picked by ``index`` (e.g. each sentence repeated per beam)."""
@@ -169,15 +173,15 @@ class Attention(nn.Module):
         return 2 * keys if self.kind == "bahdanau" else keys
 
     def forward(
-        self, query: Tensor, enc: EncoderOutput, projected: Tensor | None = None
+        self, query: Tensor, enc: EncoderOutput, values: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Attend with every query.
 
         Args:
             query: (B, T, H) decoder states.
-            enc: the encoder output (keys, values, mask, c).
-            projected: for ``bahdanau``, the doubled query projection
-                ``2 (W_q s_t + b)`` (B, T, A) if the caller computed it (search does).
+            enc: the encoder output (keys, states, mask, c).
+            values: what to read out instead of the states (search passes
+                ``enc.values``); (B, 1, D) for ``none``.
 
         Returns:
             read-out (B, T, H) and weights (B, T, S), zero on padding.
@@ -186,22 +190,23 @@ class Attention(nn.Module):
         if self.kind == "none":
             weights = mask.to(query.dtype).expand(-1, query.size(1), -1)
             weights = weights / weights.sum(-1, keepdim=True)
-            return enc.context[:, None, :].expand_as(query), weights
+            read = enc.context[:, None, :] if values is None else values
+            return read.expand(-1, query.size(1), -1), weights
         scores = (
-            self._additive(query, enc.keys, projected)
+            self._additive(query, enc.keys)
             if self.kind == "bahdanau"
             else self._general(query, enc.keys)
         )
         weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
-        readout = torch.bmm(weights.to(enc.states.dtype), enc.states)
-        return readout, weights
+        values = enc.states if values is None else values
+        return torch.bmm(weights.to(values.dtype), values), weights
 
     @staticmethod
     def _general(query: Tensor, keys: Tensor) -> Tensor:
         return torch.bmm(query, keys.transpose(1, 2))
 
-    def _additive(self, query: Tensor, keys: Tensor, projected: Tensor | None) -> Tensor:
-        q = 2 * self.query_proj(query) if projected is None else projected  # doubled, as keys
+    def _additive(self, query: Tensor, keys: Tensor) -> Tensor:
+        q = 2 * self.query_proj(query)  # (B, T, A), doubled as the keys are
         v = self.v.weight[0].to(q.dtype)
         batch, steps, size = q.shape
         chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
@@ -268,79 +273,6 @@ class Encoder(nn.Module):
 # -------------------------------------------------------------------------- decoder
 
 
-@dataclass(frozen=True)
-class _SearchWeights:
-    """What a search step multiplies by, built once per set of decoder weights.
-
-    Why: in search the weights stay fixed for thousands of steps, so products
-    that depend only on the previous token are tabulated for the whole
-    vocabulary, and the matrices are packed for oneDNN (``seq2seq.packed``).
-
-    Attributes:
-        table: (V, 3H + E), each target token's share of the GRU's input gates
-            (``W_ih[:, :E] y``) and of the deep output (``W_o[:, 2H:] y + b_o``);
-            about 100 ms and 8,000 x 1,792 floats at the recipe's sizes. Only
-            for a one-layer GRU; empty otherwise.
-        recurrent: ``W_hh h + b_hh``.
-        query: ``2 (W_q s + b)``, the doubled additive-attention query; None
-            for other attention kinds.
-        deep: the deep output's share of ``[s; readout]``, without bias.
-        generator: the full output layer.
-        levels: the two-level softmax's head and tail, or None without one.
-    """
-
-    table: Tensor
-    recurrent: Packed
-    query: Packed | None
-    deep: Packed
-    generator: Packed
-    levels: softmax.Levels | None
-
-    @staticmethod
-    @torch.no_grad()
-    def of(decoder: Decoder) -> _SearchWeights:
-        with torch.autocast(decoder.embed.weight.device.type, enabled=False):
-            return _SearchWeights._build(decoder)
-
-    @staticmethod
-    def _build(decoder: Decoder) -> _SearchWeights:
-        rnn, emb_size = decoder.rnn, decoder.embed.embedding_dim
-        hidden_size = rnn.hidden_size
-        deep_w, deep_b = decoder.deep_output.weight, decoder.deep_output.bias
-        table = deep_w.new_zeros(0, 0)
-        if decoder.cell == "gru" and decoder.layers == 1:
-            weight = torch.cat([rnn.weight_ih_l0[:, :emb_size], deep_w[:, 2 * hidden_size :]])
-            bias = torch.cat([weight.new_zeros(3 * hidden_size), deep_b])
-            table = torch.addmm(bias, decoder.embed.weight, weight.t())
-        attention = decoder.attention
-        query = None
-        if attention.kind == "bahdanau":
-            query = Packed(2 * attention.query_proj.weight, 2 * attention.query_proj.bias)
-        return _SearchWeights(
-            table=table,
-            recurrent=Packed(rnn.weight_hh_l0, rnn.bias_hh_l0),
-            query=query,
-            deep=Packed(deep_w[:, : 2 * hidden_size]),
-            generator=Packed(decoder.generator.weight, decoder.generator.bias),
-            levels=_packed_levels(decoder),
-        )
-
-
-def _packed_levels(decoder: Decoder) -> softmax.Levels | None:
-    """The two-level softmax's maps with packed weights (the tail class's row
-    after the head's), or None for a full softmax."""
-    if decoder.tail is None:
-        return None
-    head, generator, tail = decoder.softmax_head, decoder.generator, decoder.tail
-    return softmax.Levels(
-        head=Packed(
-            torch.cat([generator.weight[:head], tail.weight]),
-            torch.cat([generator.bias[:head], tail.bias]),
-        ),
-        tail=Packed(generator.weight[head:], generator.bias[head:]),
-    )
-
-
 class Decoder(nn.Module):
     """RNN over ``[y_{t-1}; c]`` -> attention -> deep output -> vocabulary scores."""
 
@@ -387,10 +319,10 @@ class Decoder(nn.Module):
         self.softmax_head = softmax_head
         # The two-level softmax's tail class: its score sits next to the head's.
         self.tail = nn.Linear(embedding_size, 1) if softmax_head else None
-        # Search's weights (``_search_weights``) and the parameter versions they
-        # were computed from; not part of the state dict.
-        self._search: _SearchWeights | None = None
-        self._search_key: tuple[tuple[int, int], ...] = ()
+        # Search's per-token table (``_token_table``) and the parameter versions it
+        # was computed from; not part of the state dict.
+        self._table: Tensor | None = None
+        self._table_key: tuple[tuple[int, int], ...] = ()
 
     def init_state(self, context: Tensor) -> DecoderState:
         """Every layer starts from ``tanh(W_init c)``; the LSTM cell from zeros."""
@@ -435,20 +367,21 @@ class Decoder(nn.Module):
         """Each row's ``width`` best pieces and their log-probs, from (N, E); rows in
         ``must_end`` get EOS first and ``-inf`` after it. ``offsets`` and ``keep``:
         see ``Seq2Seq.top_step``."""
-        search = self._search_weights()
-        if search.levels is not None and eos_id < self.softmax_head and width <= self.softmax_head:
+        if self.tail is not None and eos_id < self.softmax_head and width <= self.softmax_head:
             return softmax.top(
                 hidden,
-                search.levels,
+                self.generator,
+                self.tail,
+                self.softmax_head,
                 width=width,
                 must_end=must_end,
                 eos_id=eos_id,
                 offsets=offsets,
                 keep=keep,
             )
-        if search.levels is None:
+        if self.tail is None:
             return softmax.top_full(
-                hidden, search.generator, width=width, must_end=must_end, eos_id=eos_id
+                hidden, self.generator, width=width, must_end=must_end, eos_id=eos_id
             )
         log_probs = self.scores(hidden)
         return softmax.top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
@@ -478,7 +411,7 @@ class Decoder(nn.Module):
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """``forward`` up to the deep output: vectors (B, T, E) before the
         vocabulary projection, the new state and attention (B, T, S)."""
-        if prev_tokens.size(1) == 1 and enc.context_gates.size(-1) and not self.training:
+        if prev_tokens.size(1) == 1 and enc.values.size(-1) and not self.training:
             return self._search_features(prev_tokens[:, 0], state, enc)
         emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
         if enc.context_gates.size(-1):
@@ -499,42 +432,81 @@ class Decoder(nn.Module):
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """``features`` for one step of a one-layer GRU decoder in eval mode (search).
 
-        The same function as the general path, computed from `_search_weights`:
-        every product that depends only on the previous token is read from a
-        per-token table (about a fifth of a step's multiply-adds at the recipe's
-        sizes, 0.9 of 4.3 MFLOP per hypothesis), the rest goes through packed weights.
+        The same function as the general path, with every product that depends only
+        on the previous token read from ``_token_table``: its share of the input
+        gates and of the deep output, about a fifth of a step's multiply-adds at
+        the recipe's sizes (0.9 of 4.3 MFLOP per hypothesis).
         """
-        search = self._search_weights()
-        by_token = search.table.index_select(0, prev)  # (N, 3H + E)
+        by_token = self._token_table().index_select(0, prev)  # (N, 3H + E)
         gate_size = 3 * self.rnn.hidden_size
         gates = by_token[:, :gate_size].to(enc.context_gates.dtype) + enc.context_gates
         hidden = state.hidden[0]
-        *_, new_hidden = gru_cell(gates, search.recurrent(hidden), hidden)
-        projected = None if search.query is None else search.query(new_hidden)[:, None]
-        readout, weights = self.attention(new_hidden[:, None], enc, projected)
-        both = torch.cat([new_hidden, readout[:, 0].to(new_hidden.dtype)], dim=-1)
-        out = torch.tanh(search.deep(both) + by_token[:, gate_size:].to(both.dtype))
+        gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
+        *_, new_hidden = gru_cell(gates, gates_h, hidden)
+        readout, weights = self.attention(new_hidden[:, None], enc, enc.values)
+        # The deep output's three shares: the state's (here), the read-out's
+        # (already projected: ``enc.values``) and the previous token's with the bias.
+        weight = self.deep_output.weight[:, : new_hidden.size(-1)]
+        out = torch.addmm(by_token[:, gate_size:].to(new_hidden.dtype), new_hidden, weight.t())
+        out = torch.tanh(out.add_(readout[:, 0].to(out.dtype)))
         return out[:, None], DecoderState(new_hidden[None]), weights
 
+    def readout_values(self, states: Tensor, context: Tensor) -> Tensor:
+        """``EncoderOutput.values``: (B, S, E), or (B, 1, E) without attention, for
+        search's own step; (B, 0, 0) where it does not apply (training mode, other
+        RNNs).
+
+        Why: the deep output reads the attention read-out through ``W_o[:, H:2H]``,
+        and a read-out is a weighted sum of states, so projecting each state once
+        per sentence makes a step's read-out E wide instead of H (the recipe's
+        256 against 512) and removes that share of the deep output's product
+        from every step: about 6% of a step's multiply-adds at the recipe's sizes.
+        """
+        if self.training or self.cell != "gru" or self.layers != 1:
+            return states.new_zeros(states.size(0), 0, 0)
+        hidden = self.rnn.hidden_size
+        weight = self.deep_output.weight[:, hidden : 2 * hidden]
+        source = context[:, None] if self.attention.kind == "none" else states
+        return F.linear(source, weight.to(source.dtype))
+
     def train(self, mode: bool = True) -> Decoder:
-        """Also forgets search's weights when training (re)starts: a fused
-        optimiser updates the parameters without bumping their version counters."""
+        """Also forgets search's token table when training (re)starts: a fused
+        optimiser updates the weights without bumping their version counters."""
         if mode:
-            self._search = None
+            self._table = None
         return super().train(mode)
 
-    def _search_weights(self) -> _SearchWeights:
-        """Search's view of the current weights (`_SearchWeights`), rebuilt after the
-        model was in training mode (optimiser steps between validations) and when a
-        parameter changed in eval mode (a loaded state dict, a move to another
-        device), which its key of storage and version counter catches."""
-        if self.training:  # weights change between calls without a trace
-            return _SearchWeights.of(self)
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if self._search is None or key != self._search_key:
-            self._search = _SearchWeights.of(self)
-            self._search_key = key
-        return self._search
+    def _token_table(self) -> Tensor:
+        """(V, 3H + E): each target token's share of the GRU's input gates
+        (``W_ih[:, :E] y``) and of the deep output (``W_o[:, 2H:] y + b_o``).
+
+        Why: in search a step's previous token is one of V, so these products are
+        computed once for the whole vocabulary (about 100 ms and 8,000 x 1,792 floats
+        at the recipe's sizes) and gathered per step. It is rebuilt after the
+        model was in training mode (optimiser steps between validations) and when
+        a parameter changed in eval mode (a loaded state dict, a move to another
+        device), which its key of storage and version counter catches.
+        """
+        params = (
+            self.embed.weight,
+            self.rnn.weight_ih_l0,
+            self.deep_output.weight,
+            self.deep_output.bias,
+        )
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._table is None or key != self._table_key:
+            emb_size, hidden_size = self.embed.embedding_dim, self.rnn.hidden_size
+            with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
+                weight = torch.cat(
+                    [
+                        self.rnn.weight_ih_l0[:, :emb_size],
+                        self.deep_output.weight[:, 2 * hidden_size :],
+                    ]
+                )
+                bias = torch.cat([weight.new_zeros(3 * hidden_size), self.deep_output.bias])
+                self._table = torch.addmm(bias, self.embed.weight, weight.t())
+            self._table_key = key
+        return self._table
 
     def context_gates(self, context: Tensor) -> Tensor:
         """The context vector's share of the input gates, ``W_ih[:, E:] c + b_ih``.
@@ -688,6 +660,7 @@ class Seq2Seq(nn.Module):
             mask=mask,
             context=context,
             context_gates=self.decoder.context_gates(context),
+            values=self.decoder.readout_values(states, context),
         )
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:

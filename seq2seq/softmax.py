@@ -27,8 +27,6 @@ within each level.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -99,36 +97,11 @@ def loss(
     return total, int(real.sum())
 
 
-Scorer = Callable[[Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class Levels:
-    """The two-level output layer as search scores it, each map (N, E) -> (N, C).
-
-    Search builds these once per set of weights (``Decoder`` packs them for oneDNN,
-    ``seq2seq.packed``); `levels` gives the plain form.
-
-    Attributes:
-        head: (N, K + 1) scores of the K head pieces, then the tail class's.
-        tail: (N, V - K) scores of the tail pieces within the tail.
-    """
-
-    head: Scorer
-    tail: Scorer
-
-
-def levels(generator: nn.Linear, tail: nn.Linear, head: int) -> Levels:
-    """`Levels` that score with the layers' current weights."""
-    return Levels(
-        head=lambda hidden: _head_logits(hidden, generator, tail, head),
-        tail=lambda hidden: _tail_logits(hidden, generator, head),
-    )
-
-
 def top(
     hidden: Tensor,
-    scorers: Levels,
+    generator: nn.Linear,
+    tail: nn.Linear,
+    head: int,
     *,
     width: int,
     must_end: Tensor,
@@ -151,7 +124,6 @@ def top(
 
     Args:
         hidden: (N, E) deep-output vectors.
-        scorers: the output layer (`Levels`).
         width: pieces per row, at most K.
         must_end: (N,) bool, rows at their length budget.
         eos_id: EOS, which must be a head piece.
@@ -162,25 +134,24 @@ def top(
     Returns:
         log-probs (N, width) float32 and pieces (N, width) long.
     """
-    with_class = scorers.head(hidden).float()
-    head = with_class.size(1) - 1
     if not 0 <= eos_id < head or width > head:
         raise ValueError(f"EOS (id {eos_id}) and {width} pieces must fit in the {head} head")
-    norm = with_class.logsumexp(1)
-    scores, pieces = _rank(
-        with_class[:, :head], norm, width=width, must_end=must_end, eos_id=eos_id
-    )
-    tail_lp = with_class[:, head] - norm
+    head_scores = class_scores(hidden, generator.weight[:head], generator.bias[:head]).float()
+    tail_class = class_scores(hidden, tail.weight, tail.bias).float()[0]
+    norm = torch.logaddexp(head_scores.logsumexp(0), tail_class)
+    scores, pieces = _rank(head_scores, norm, width=width, must_end=must_end, eos_id=eos_id)
+    tail_lp = tail_class - norm
     if offsets is None:
         offsets, keep = torch.zeros_like(tail_lp)[:, None], width
     rows = _rows_needing_tail(scores, tail_lp, offsets, keep, must_end)
     if rows.numel():
-        tail_scores = scorers.tail(hidden[rows]).float()
-        tail_best, tail_pieces = tail_scores.topk(min(width, tail_scores.size(1)), dim=1)
-        tail_best = tail_best - tail_scores.logsumexp(1, keepdim=True) + tail_lp[rows, None]
-        merged, pick = torch.cat([scores[rows], tail_best], -1).topk(width, dim=-1)
+        tail_scores = class_scores(hidden[rows], generator.weight[head:], generator.bias[head:])
+        tail_scores = tail_scores.float()
+        tail_best, tail_pieces = tail_scores.topk(min(width, tail_scores.size(0)), dim=0)
+        tail_best = tail_best - tail_scores.logsumexp(0) + tail_lp[rows]
+        merged, pick = torch.cat([scores[rows], tail_best.t()], -1).topk(width, dim=-1)
         scores[rows] = merged
-        pieces[rows] = torch.cat([pieces[rows], tail_pieces + head], -1).gather(1, pick)
+        pieces[rows] = torch.cat([pieces[rows], tail_pieces.t() + head], -1).gather(1, pick)
     return scores, pieces
 
 
@@ -201,34 +172,40 @@ def _rows_needing_tail(
 
 
 def top_full(
-    hidden: Tensor, scorer: Scorer, *, width: int, must_end: Tensor, eos_id: int
+    hidden: Tensor, generator: nn.Linear, *, width: int, must_end: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
-    """``top`` for a full softmax whose logits (N, V) ``scorer`` gives from (N, E)."""
-    logits = scorer(hidden).float()
-    return _rank(logits, logits.logsumexp(1), width=width, must_end=must_end, eos_id=eos_id)
+    """``top`` for a full softmax over ``generator``'s classes, from (N, E) vectors."""
+    logits = class_scores(hidden, generator.weight, generator.bias).float()
+    return _rank(logits, logits.logsumexp(0), width=width, must_end=must_end, eos_id=eos_id)
 
 
 def _rank(
     scores: Tensor, norm: Tensor, *, width: int, must_end: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
-    """Each row's ``width`` best classes of scores (N, C) as log-probs (minus
-    ``norm``, (N,)) and ids, (N, width) each; ``must_end`` as in ``top``."""
-    best, pieces = scores.topk(min(width, scores.size(1)), dim=1)
-    log_probs = best - norm[:, None]
-    return _end_where(must_end, log_probs, pieces, scores[:, eos_id] - norm, eos_id)
+    """Each row's ``width`` best classes of class-major scores (C, N) as log-probs
+    (minus ``norm``, (N,)) and ids, row-major (N, width); ``must_end`` as in ``top``."""
+    best, pieces = scores.topk(min(width, scores.size(0)), dim=0)
+    log_probs = (best - norm).t().contiguous()
+    return _end_where(must_end, log_probs, pieces.t().contiguous(), scores[eos_id] - norm, eos_id)
+
+
+def class_scores(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """(C, N) scores of N vectors (N, E) against C classes, class-major.
+
+    Why class-major: for thousands of classes and tens to hundreds of rows (a
+    search step), MKL's ``W h^T`` ran about twice as fast as ``h W^T`` on a Zen 3
+    core pair (2.7 against 4.6 ms for 64 rows and 6,000 classes; 2.9 against
+    6.1 ms for 320 rows and 2,001), and ranking along dim 0 costs the same.
+    """
+    return torch.addmm(bias[:, None], weight, hidden.t())
 
 
 def top_of(
     log_probs: Tensor, *, width: int, must_end: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
     """``top`` for a full softmax: rank the rows of an (N, V) log-prob table."""
-    return _rank(
-        log_probs,
-        log_probs.new_zeros(log_probs.size(0)),
-        width=width,
-        must_end=must_end,
-        eos_id=eos_id,
-    )
+    scores, pieces = log_probs.topk(min(width, log_probs.size(-1)), dim=-1)
+    return _end_where(must_end, scores, pieces, log_probs[:, eos_id], eos_id)
 
 
 def _end_where(

@@ -65,3 +65,19 @@ def test_bidirectional_gru_matches_nn_gru_on_packed_sequences():
     torch.testing.assert_close(our_final, their_final)
     for index, (a, b) in enumerate(zip(got, expected, strict=True)):
         torch.testing.assert_close(a, b, msg=f"gradient {index}")
+
+
+def test_inference_runs_the_same_recurrence_without_a_graph():
+    """Without gradients the recurrence skips what only the backward reads; the
+    states must be bitwise those of the differentiable path, in both directions."""
+    torch.manual_seed(0)
+    rnn = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([5, 1, 3, 5])
+    x = torch.randn(4, 5, 3, requires_grad=True)
+    with_graph, final = bidirectional_gru(x, lengths, rnn)
+    assert with_graph.requires_grad
+    with torch.no_grad():
+        without, final_without = bidirectional_gru(x, lengths, rnn)
+    assert not without.requires_grad
+    assert torch.equal(without, with_graph.detach())
+    assert torch.equal(final_without, final.detach())

@@ -19,7 +19,6 @@ RANK = {
     "additive": 3,
     "gru": 3,
     "loss": 3,
-    "packed": 3,
     "softmax": 4,
     "model": 5,
     "search": 6,

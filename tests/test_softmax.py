@@ -135,11 +135,7 @@ def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
     eos = 2
     with torch.no_grad():
         scores, pieces = softmax.top(
-            hidden,
-            softmax.levels(generator, tail, HEAD),
-            width=width,
-            must_end=must_end,
-            eos_id=eos,
+            hidden, generator, tail, HEAD, width=width, must_end=must_end, eos_id=eos
         )
         full = softmax.log_probs(hidden, generator, tail, HEAD)
     expected_scores, expected_pieces = full.topk(width, dim=-1)
@@ -171,7 +167,9 @@ def test_top_with_offsets_is_exact_for_each_groups_best(k):
     with torch.no_grad():
         scores, pieces = softmax.top(
             hidden,
-            softmax.levels(generator, tail, HEAD),
+            generator,
+            tail,
+            HEAD,
             width=width,
             must_end=must_end,
             eos_id=2,
