@@ -124,8 +124,9 @@ def _run(gates_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
 
     Why: the autograd version writes r, z, n and ``W_hn h`` of every step into a
     buffer the size of the whole sequence for its backward; when nothing will be
-    differentiated that is a fifth of an encoder call spent writing memory
-    nothing reads. Here the gates go through one reused scratch buffer.
+    differentiated, those copies alone were 6% of an encoder call in a profile
+    (64 sentences, one thread), memory nothing reads. Here the gates go through
+    one reused scratch buffer.
     """
     dirs, batch, steps, _ = gates_x.shape
     out = gates_x.new_empty(dirs, batch, steps, h0.size(-1))
