@@ -14,7 +14,8 @@ Each part runs in its own process, so peak RSS is that part's own:
   ``seq2seq-translate`` process (whole-process time and peak RSS) and in this
   process (translation time alone), and reports sentences/s and target tokens/s,
   in ``--decode-precision`` (fp32, or bf16 autocast, which pays on CPUs with
-  native bf16).
+  native bf16), and the same roofline as training: the search's matmul FLOPs
+  (counted in one more pass) per second of translation, against both peaks.
   Each is the median of ``--reps`` runs: on a shared 2-core VM one run varied
   by up to 40% from the next.
 
@@ -32,8 +33,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from seq2seq.translator import Translator
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) -> float:
@@ -141,8 +146,9 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
         )
         child_rss[name] = peak_rss_mb(resource.RUSAGE_CHILDREN)  # the max over children so far
     results = []
+    _set_threads(args.threads)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     for name, beam in searches:
-        _set_threads(args.threads)
         translator = Translator.from_bundle(args.bundle, device="cpu").with_decode(
             beam_size=beam, batch_size=64, nbest=1, precision=args.decode_precision
         )
@@ -153,6 +159,7 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
             times.append(time.perf_counter() - start)
         seconds, wall = statistics.median(times), walls[name]
         tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+        achieved = _decode_flops(translator, lines) / seconds / 1e9
         results.append(
             {
                 "search": name,
@@ -166,9 +173,29 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
                 "process_wall_s": round(wall, 2),
                 "process_sentences_per_s": round(len(lines) / wall, 1),
                 "process_peak_rss_mb": round(child_rss[name]),
+                "achieved_gflops": round(achieved, 1),
+                "peak_gflops_fp32": round(peaks["fp32"], 1),
+                "peak_gflops_bf16": round(peaks["bf16"], 1),
+                "fraction_of_fp32_peak": round(achieved / peaks["fp32"], 3),
+                "fraction_of_bf16_peak": round(achieved / peaks["bf16"], 3),
             }
         )
     return results
+
+
+def _decode_flops(translator: Translator, lines: list[str]) -> float:
+    """Matmul FLOPs of one pass over ``lines``, as ``torch.utils.flop_counter``
+    counts them (everything else in a search step, elementwise work and ``topk``,
+    counts zero: the roofline asks how close the matmuls bring us to the peak).
+
+    One worker: the counter is a dispatch mode, which only sees its own thread.
+    The searches, and so the FLOPs, are the same with any number of workers.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        translator.with_decode(workers=1).hypotheses(lines)
+    return counter.get_total_flops()
 
 
 def _translate_process(args: argparse.Namespace, src: Path, beam: int) -> float:
