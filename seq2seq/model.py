@@ -714,7 +714,8 @@ class Seq2Seq(nn.Module):
             offsets: optional (G, k): each row's log-prob so far, rows in groups of k
                 (a sentence's beams). Then a row's pieces are exact only as far as
                 search reads them: every (row, piece) whose offset plus log-prob
-                ranks among its group's ``keep`` best is returned.
+                ranks among its group's ``keep`` best non-EOS sums, or is an EOS
+                ranked above them, is returned.
             keep: see ``offsets``.
 
         Returns:

@@ -163,7 +163,8 @@ def _row_top(
     A model may offer ``top_step`` (same results as far as search reads them) to find
     them without scoring every token (``Seq2Seq``'s two-level softmax does): beam
     search tells it each beam's score so far (``offsets``, (B, K)) and that only a
-    sentence's best ``keep`` extensions are read. Otherwise ``decode_step``'s scores
+    sentence's best ``keep`` non-EOS extensions, and the EOS ones ranked above them,
+    are read (``_top_candidates`` says why). Otherwise ``decode_step``'s scores
     are normalised in one fused ``log_softmax`` pass and ranked.
     """
     own_step = getattr(model, "top_step", None)
@@ -401,7 +402,7 @@ def beam_search(
                 must_end,
                 eos_id,
                 offsets=beams.scores,
-                keep=2 * k,
+                keep=k,
             )
             candidates = _top_candidates(beams.scores, row_best, row_tokens)
             finished = _finalise(

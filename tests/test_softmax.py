@@ -150,15 +150,17 @@ def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_top_with_offsets_is_exact_for_each_groups_best(k):
-    """Beam search reads each sentence's best ``keep`` (beam score + log-prob) sums:
-    those must be exactly the sums over the full distribution, although rows far
-    behind their group skip the tail."""
+def test_top_with_offsets_is_exact_for_all_that_beam_search_reads(k):
+    """Beam search reads each sentence's best ``keep`` non-EOS (beam score + log-prob)
+    sums and every EOS sum above them: those must be exactly the sums over the full
+    distribution, although rows far behind their group skip the tail."""
     generator, tail = _layers()
+    eos = 2
     with torch.no_grad():
         tail.bias.fill_(1.0)
         generator.bias[HEAD] += 6.0  # one tail piece takes almost all the tail's mass
-    groups, width, keep = 300, k + 1, 2 * k
+        generator.bias[eos] += 1.5  # and EOS often ranks near the top
+    groups, width, keep = 300, k + 1, k
     torch.manual_seed(1)
     hidden = torch.randn(groups * k, WIDTH)
     offsets = -3 * torch.rand(groups, k)
@@ -172,24 +174,28 @@ def test_top_with_offsets_is_exact_for_each_groups_best(k):
             HEAD,
             width=width,
             must_end=must_end,
-            eos_id=2,
+            eos_id=eos,
             offsets=offsets,
             keep=keep,
         )
-        full = softmax.log_probs(hidden, generator, tail, HEAD)
+        full_scores, full_pieces = softmax.log_probs(hidden, generator, tail, HEAD).topk(width)
 
-    def best_sums(row_scores: torch.Tensor) -> torch.Tensor:
+    def read(row_scores: torch.Tensor, row_pieces: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per group, best first: the sums and pieces that search reads, -inf / -1 after."""
         sums = (offsets[:, :, None] + row_scores.view(groups, k, -1)).view(groups, -1)
-        return sums.topk(keep, dim=1).values
+        ids = row_pieces.view(groups, -1)
+        floor = sums.masked_fill(ids == eos, float("-inf")).topk(keep, dim=1).values[:, -1:]
+        sums, order = sums.sort(dim=1, descending=True)
+        unread = sums < floor
+        return sums.masked_fill(unread, float("-inf")), ids.gather(1, order).masked_fill(unread, -1)
 
-    torch.testing.assert_close(best_sums(scores), best_sums(full.topk(width, dim=-1).values))
-    picked = best_sums(scores)
-    assert torch.isfinite(picked).any(1).all()
-    row_rule = (pieces >= HEAD).any(-1)
-    exact_rows = (pieces == full.topk(width, dim=-1).indices).all(-1)
-    assert row_rule.any()
-    if k > 1:
-        assert not exact_rows.all()  # some rows behind their group skipped the tail
+    got_sums, got_ids = read(scores, pieces)
+    want_sums, want_ids = read(full_scores, full_pieces)
+    torch.testing.assert_close(got_sums, want_sums)
+    assert torch.equal(got_ids, want_ids)
+    assert (want_ids == eos).any() and (want_ids >= HEAD).any()  # both cases are read
+    if k > 1:  # some rows behind their group skipped the tail
+        assert not torch.equal(pieces, full_pieces)
 
 
 class _FullScoresOnly:
