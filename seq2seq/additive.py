@@ -72,4 +72,11 @@ def additive_scores(keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
     Returns:
         (B, T, S) scores ``2 v^T sigmoid(keys + queries)``; differentiable in all three.
     """
-    return _AdditiveScores.apply(keys, queries, v)
+    if torch.is_grad_enabled() or keys.dtype != torch.float32:
+        return _AdditiveScores.apply(keys, queries, v)
+    # Without a graph in fp32 (search, validation), ``v`` is applied by MKL's
+    # matrix-vector product, one pass over the sigmoid instead of a product and a
+    # sum (3.4 against 2.3 ms for 320 beams over 15 source positions, one core).
+    # Not in bf16: there a matmul would build a oneDNN kernel per batch shape.
+    with torch.autocast(keys.device.type, enabled=False):
+        return torch.add(keys[:, None], queries[:, :, None]).sigmoid_().matmul(v).mul_(2)
