@@ -34,6 +34,18 @@ def test_scores_differ_from_the_tanh_form_by_a_constant(dtype):
     torch.testing.assert_close(shift, v.sum().double().expand_as(shift), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_scores_without_a_graph_equal_those_with_one(autocast):
+    """Search and validation (fp32, no graph) take a path of their own: the same
+    scores as training's, in fp32 even when bf16 autocast is on around it."""
+    keys, queries, v = (t.detach().float() for t in _inputs())
+    with_graph = additive_scores(keys, queries, v)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        without = additive_scores(keys, queries, v)
+    assert without.dtype == torch.float32
+    torch.testing.assert_close(without, with_graph)
+
+
 def test_weights_and_gradients_match_the_tanh_form():
     """Through the softmax over keys (as attention uses it) both forms agree in
     the weights and in the gradient of every input."""
