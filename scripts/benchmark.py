@@ -63,6 +63,22 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) 
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def matmul_peaks() -> dict[str, float]:
+    """This machine's fp32 and bf16 matmul peaks (GFLOP/s), measured now."""
+    return {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+
+
+def roofline(achieved: float, peaks: dict[str, float]) -> dict[str, float]:
+    """Achieved GFLOP/s against both peaks, as training and decoding report it."""
+    return {
+        "achieved_gflops": round(achieved, 1),
+        "peak_gflops_fp32": round(peaks["fp32"], 1),
+        "peak_gflops_bf16": round(peaks["bf16"], 1),
+        "fraction_of_fp32_peak": round(achieved / peaks["fp32"], 3),
+        "fraction_of_bf16_peak": round(achieved / peaks["bf16"], 3),
+    }
+
+
 def _set_threads(threads: int) -> None:
     """Set intra-op threads only when asked, so the default measures what users get."""
     if threads > 0:
@@ -109,7 +125,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         trainer._train_step(batch.to(trainer.device))
     seconds = time.perf_counter() - start
     rate = tokens / seconds
-    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    peaks = matmul_peaks()
     achieved = flops_per_token * rate / 1e9
     return {
         "experiment": args.experiment,
@@ -120,11 +136,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "train_tgt_tokens_per_s": round(rate),
         "train_sentences_per_s": round(sentences / seconds, 1),
         "gflop_per_tgt_token": round(flops_per_token / 1e9, 4),
-        "achieved_gflops": round(achieved, 1),
-        "peak_gflops_fp32": round(fp32, 1),
-        "peak_gflops_bf16": round(bf16, 1),
-        "fraction_of_fp32_peak": round(achieved / fp32, 3),
-        "fraction_of_bf16_peak": round(achieved / bf16, 3),
+        **roofline(achieved, peaks),
         "peak_rss_mb": round(peak_rss_mb()),
     }
 
@@ -147,7 +159,7 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
         child_rss[name] = peak_rss_mb(resource.RUSAGE_CHILDREN)  # the max over children so far
     results = []
     _set_threads(args.threads)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = matmul_peaks()
     for name, beam in searches:
         translator = Translator.from_bundle(args.bundle, device="cpu").with_decode(
             beam_size=beam, batch_size=64, nbest=1, precision=args.decode_precision
@@ -173,11 +185,7 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
                 "process_wall_s": round(wall, 2),
                 "process_sentences_per_s": round(len(lines) / wall, 1),
                 "process_peak_rss_mb": round(child_rss[name]),
-                "achieved_gflops": round(achieved, 1),
-                "peak_gflops_fp32": round(peaks["fp32"], 1),
-                "peak_gflops_bf16": round(peaks["bf16"], 1),
-                "fraction_of_fp32_peak": round(achieved / peaks["fp32"], 3),
-                "fraction_of_bf16_peak": round(achieved / peaks["bf16"], 3),
+                **roofline(achieved, peaks),
             }
         )
     return results
