@@ -29,12 +29,17 @@ import torch
 from torch import Tensor
 
 
+def _gates(keys: Tensor, queries: Tensor) -> Tensor:
+    """(B, T, S, A) ``sigmoid(2k + 2q)`` of doubled keys and queries, every pair."""
+    return torch.add(keys[:, None], queries[:, :, None]).sigmoid_()
+
+
 class _AdditiveScores(torch.autograd.Function):
     """Shifted additive scores; saves the (B, T, S, A) sigmoid for the backward."""
 
     @staticmethod
     def forward(ctx: Any, keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
-        gates = torch.add(keys[:, None], queries[:, :, None]).sigmoid_()
+        gates = _gates(keys, queries)
         ctx.save_for_backward(gates, v)
         # A reduction, not a matmul: under bf16 a matmul here would build one
         # oneDNN primitive per batch shape during decoding, each costing memory.
@@ -79,4 +84,4 @@ def additive_scores(keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
     # sum (3.4 against 2.3 ms for 320 beams over 15 source positions, one core).
     # Not in bf16: there a matmul would build a oneDNN kernel per batch shape.
     with torch.autocast(keys.device.type, enabled=False):
-        return torch.add(keys[:, None], queries[:, :, None]).sigmoid_().matmul(v).mul_(2)
+        return _gates(keys, queries).matmul(v).mul_(2)
