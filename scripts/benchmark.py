@@ -96,7 +96,8 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     from seq2seq.allocator import retain_freed_memory
     from seq2seq.batching import collate, token_batches
-    from seq2seq.config import conf_dir, register_configs
+    from seq2seq.cli import register_configs
+    from seq2seq.config import conf_dir
     from seq2seq.trainer import Trainer
 
     register_configs()

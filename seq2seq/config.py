@@ -3,6 +3,7 @@
 The dataclasses are the single source of truth: YAML files under ``conf/`` only
 set values, unknown keys fail when Hydra merges them with these schemas, and
 everything below the app layer receives these dataclasses (never a DictConfig).
+Hydra itself is imported only by the apps (``seq2seq.cli`` registers these schemas).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-
-from hydra.core.config_store import ConfigStore
 
 MISSING = "???"
 
@@ -287,11 +286,3 @@ class EvaluateApp:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     device: str = "auto"
     threads: int = 0
-
-
-def register_configs() -> None:
-    """Register the schemas so Hydra validates every YAML file against them."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainApp)
-    cs.store(name="translate_schema", node=TranslateApp)
-    cs.store(name="evaluate_schema", node=EvaluateApp)

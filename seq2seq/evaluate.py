@@ -36,11 +36,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sacrebleu.metrics.bleu import BLEU
 from tqdm import tqdm
 
-from seq2seq.config import EvaluateApp, conf_dir, register_configs
+from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.config import EvaluateApp, conf_dir
 from seq2seq.corpus import read_lines
 from seq2seq.metrics import Score, corpus_scores, format_table, to_json
 from seq2seq.translator import Translator
@@ -132,19 +133,10 @@ def _translate(config: EvaluateApp, *, n_refs: int) -> list[str]:
     return hyps
 
 
-def _to_app(cfg: DictConfig) -> EvaluateApp:
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, EvaluateApp)
-    return config
-
-
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="evaluate")
 def _app(cfg: DictConfig) -> None:
-    try:
-        run(_to_app(cfg))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with expected_errors():
+        run(to_app(cfg, EvaluateApp))
 
 
 def listify_ref(args: list[str]) -> list[str]:

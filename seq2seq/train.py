@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from seq2seq.allocator import retain_freed_memory
-from seq2seq.config import TrainApp, conf_dir, register_configs
-from seq2seq.trainer import fit
+from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.config import TrainApp, conf_dir
+from seq2seq.ensemble_training import fit
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
@@ -41,11 +42,10 @@ class ProgressBar:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, TrainApp)
-    run_dir = Path(config.run_dir)
-    retain_freed_memory()
-    result = fit(config, run_dir=run_dir, reporter=ProgressBar())
+    with expected_errors():
+        config = to_app(cfg, TrainApp)
+        retain_freed_memory()
+        result = fit(config, run_dir=Path(config.run_dir), reporter=ProgressBar())
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")
     print(f"model bundle: {result.best}")

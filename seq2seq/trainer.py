@@ -14,7 +14,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,12 +25,13 @@ from torch import Tensor
 from seq2seq import bundle as bundle_io
 from seq2seq import snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
-from seq2seq.config import OptimConfig, TrainApp, TrainingConfig
+from seq2seq.config import OptimConfig, TrainApp
 from seq2seq.corpus import load_corpus
+from seq2seq.device import pick_device, use_bf16
 from seq2seq.metrics import bleu
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
-from seq2seq.translator import Translator, pick_device, use_bf16
+from seq2seq.translator import Translator
 
 logger = logging.getLogger(__name__)
 
@@ -447,89 +448,8 @@ def append_record(run_dir: Path, record: dict[str, Any], reporter: Reporter | No
         reporter.on_record(record)
 
 
-# ----------------------------------------------------------------------- ensembles
-
-FIT_RESULT = "fit.json"
-
-
-def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
-    """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`)."""
-    if config.train.ensemble > 1:
-        return fit_ensemble(config, run_dir=run_dir, reporter=reporter)
-    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter).fit()
-
-
-def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
-    """Train ``train.ensemble`` members one after another, then write ``best`` as an
-    ensemble bundle of their ``best`` bundles and record its validation BLEU.
-
-    Why sequential members with split time: ``max_time`` keeps meaning the whole
-    run's budget (each member gets an even share of what is left, so a member that
-    stops early leaves its time to the next), and a crash loses at most the member
-    in progress: finished members leave ``fit.json`` and are skipped when the run
-    is started again (the member in progress resumes from its checkpoint like any
-    run).
-    """
-    t = config.train
-    if t.ensemble < 2:
-        raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
-    results: list[FitResult] = []
-    for k in range(1, t.ensemble + 1):
-        member_dir = Path(run_dir) / f"member{k}"
-        member = replace(
-            config,
-            train=replace(t, seed=t.seed + k - 1, max_time=_member_time(t, results), ensemble=1),
-            run_dir=str(member_dir),
-        )
-        done = member_dir / FIT_RESULT
-        if t.resume and done.is_file():
-            logger.info("ensemble member %d already trained (%s)", k, done)
-            results.append(_read_fit_result(done))
-            continue
-        results.append(Trainer.from_config(member, run_dir=member_dir, reporter=reporter).fit())
-        bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
-    best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
-    device = pick_device(t.device)
-    loaded = bundle_io.load(best, device=device)
-    valid = load_corpus(config.data)["valid"]
-    translator = Translator(loaded.model, loaded.tokenizer, config.decode, device=device)
-    score = greedy_bleu(
-        translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences
-    )
-    elapsed = sum(r.elapsed for r in results)
-    record = {"kind": "ensemble", "members": t.ensemble, "bleu": score}
-    append_record(Path(run_dir), record | {"elapsed": round(elapsed, 2)}, reporter)
-    return FitResult(
-        best=best,
-        last=results[-1].last,
-        best_bleu=score,
-        steps=sum(r.steps for r in results),
-        elapsed=elapsed,
-        stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
-    )
-
-
-def _member_time(t: TrainingConfig, done: list[FitResult]) -> float:
-    """The next member's share of what is left of ``max_time`` (0: no time limit), so
-    time a member saves by stopping early goes to the members after it."""
-    if not t.max_time:
-        return 0.0
-    left = t.max_time - sum(r.elapsed for r in done)
-    return max(1.0, left / (t.ensemble - len(done)))
-
-
 def greedy_bleu(translator: Translator, src: list[str], ref: list[str], *, limit: int) -> float:
     """Greedy BLEU on the first ``limit`` sentences (all when 0): what validation tracks."""
     limit = limit or len(src)
     greedy_translator = translator.with_decode(beam_size=1, nbest=1)
     return bleu(greedy_translator.translate(src[:limit]), ref[:limit])
-
-
-def _fit_result_json(result: FitResult) -> bytes:
-    fields = asdict(result) | {"best": str(result.best), "last": str(result.last)}
-    return json.dumps(fields).encode()
-
-
-def _read_fit_result(path: Path) -> FitResult:
-    fields = json.loads(path.read_text())
-    return FitResult(**(fields | {"best": Path(fields["best"]), "last": Path(fields["last"])}))

@@ -45,7 +45,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -56,11 +55,12 @@ from typing import BinaryIO, TextIO
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from seq2seq import plotting
-from seq2seq.config import TranslateApp, conf_dir, register_configs
+from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.config import TranslateApp, conf_dir
 from seq2seq.translator import TextHypothesis, Translator
 
 register_configs()
@@ -231,25 +231,10 @@ def run(config: TranslateApp) -> int:
     return count
 
 
-def _to_app(cfg: DictConfig) -> TranslateApp:
-    if OmegaConf.is_missing(cfg, "model"):
-        raise ValueError("no model given; pass model=BUNDLE_DIR")
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, TranslateApp)
-    return config
-
-
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(_to_app(cfg))
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, like other Unix filters.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with expected_errors():
+        run(to_app(cfg, TranslateApp, required=("model",)))
 
 
 if __name__ == "__main__":

@@ -33,44 +33,15 @@ from torch import Tensor
 from seq2seq import bundle as bundle_io
 from seq2seq.batching import pad
 from seq2seq.config import DecodeConfig
+from seq2seq.device import pick_device, use_bf16
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import Seq2Seq
 from seq2seq.search import Hypothesis, beam_search, greedy
 from seq2seq.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
-__all__ = ["TextHypothesis", "Translator", "check_decode", "pick_device"]
+__all__ = ["TextHypothesis", "Translator", "check_decode"]
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}; choose one of auto, cpu, cuda, cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
-    return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to run under bf16 autocast (training, or search with decode.precision).
-
-    ``auto`` picks bf16 where the hardware computes it natively (CUDA with
-    bf16 support, or a CPU with AVX-512 BF16 or AMX), where its matmuls run
-    several times faster than fp32 (about 4x on the 2-core machine the README
-    reports on); elsewhere bf16 would be emulated, so fp32 is used. Weights,
-    optimiser state and the softmax stay in fp32 either way.
-    """
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in native)
 
 
 @contextmanager

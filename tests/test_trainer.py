@@ -19,7 +19,8 @@ from seq2seq.config import (
     TrainingConfig,
 )
 from seq2seq.ensemble import Ensemble
-from seq2seq.trainer import FIT_RESULT, Trainer, fit
+from seq2seq.ensemble_training import FIT_RESULT, fit
+from seq2seq.trainer import Trainer
 
 
 def _config(tmp_path, **train) -> TrainApp:

@@ -10,9 +10,10 @@ import torch
 from seq2seq import bundle
 from seq2seq.batching import pad
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
+from seq2seq.device import pick_device
 from seq2seq.search import beam_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID
-from seq2seq.translator import TextHypothesis, Translator, check_decode, pick_device
+from seq2seq.translator import TextHypothesis, Translator, check_decode
 
 from .conftest import lively_model
 
