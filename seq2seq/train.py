@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.allocator import retain_freed_memory
 from seq2seq.cli import expected_errors, register_configs, to_app
@@ -20,18 +21,30 @@ logger = logging.getLogger("seq2seq.train")
 
 
 class ProgressBar:
-    """Steps, loss and target tokens/s on stderr; records go to the log."""
+    """One bar on stderr (step, loss, target tokens/s, learning rate) and one
+    readable line per validation; ``metrics.jsonl`` keeps the full records."""
 
     def __init__(self) -> None:
-        self.bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._bar: tqdm | None = None
+        self.lr = ""
+
+    @property
+    def bar(self) -> tqdm:
+        """Opened at the first step, so start-up log lines come before it."""
+        if self._bar is None:
+            self._bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        return self._bar
 
     def on_step(self, step: int, loss: float, tokens_per_s: float) -> None:
         self.bar.n = step
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        fields = {"loss": f"{loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+        self.bar.set_postfix(fields | ({"lr": self.lr} if self.lr else {}), refresh=False)
         self.bar.update(0)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        if record["kind"] == "ensemble":
+        if record["kind"] == "train":
+            self.lr = f"{record['lr']:.2e}"
+        elif record["kind"] == "ensemble":
             self.bar.write(f"ensemble of {record['members']}: BLEU {record['bleu']:.2f}")
         elif record["kind"] in ("valid", "average"):
             self.bar.write(
@@ -45,7 +58,8 @@ def main(cfg: DictConfig) -> None:
     with expected_errors():
         config = to_app(cfg, TrainApp)
         retain_freed_memory()
-        result = fit(config, run_dir=Path(config.run_dir), reporter=ProgressBar())
+        with logging_redirect_tqdm():  # log lines print above the bar, not through it
+            result = fit(config, run_dir=Path(config.run_dir), reporter=ProgressBar())
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")
     print(f"model bundle: {result.best}")

@@ -443,7 +443,7 @@ def append_record(run_dir: Path, record: dict[str, Any], reporter: Reporter | No
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / bundle_io.METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
-    logger.info("%s", record)
+    logger.debug("%s", record)  # metrics.jsonl is the record; the terminal gets the reporter
     if reporter:
         reporter.on_record(record)
 
