@@ -35,14 +35,19 @@ from .conftest import ROOT, lively_model
 BEAM = 2  # the service's default beam size in these tests
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tokenizer, tmp_path_factory) -> Path:
+def save_bundle(tokenizer, directory: Path) -> Path:
+    """The lively tiny model as a bundle (languages en -> de)."""
     config = TrainApp(
         model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
         run_dir="x",
     )
-    path = tmp_path_factory.mktemp("bundle") / "model"
-    return bundle.save(path, model=lively_model(tokenizer), config=config, tokenizer=tokenizer)
+    model = lively_model(tokenizer)
+    return bundle.save(directory / "model", model=model, config=config, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tokenizer, tmp_path_factory) -> Path:
+    return save_bundle(tokenizer, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
