@@ -297,6 +297,9 @@ class ServeApp:
     share decoding settings, or what has arrived ``max_wait_ms`` after the
     oldest, and searches them as one batch. ``max_queue`` bounds the sentences
     waiting (503 beyond it); ``timeout`` bounds a request's wait in seconds (504).
+    ``workers`` batches are searched at once (0: one per CPU core), each on
+    ``threads`` torch threads: many small operations gain little from a second
+    thread but a lot from a second batch.
     """
 
     model: str = MISSING
@@ -313,6 +316,7 @@ class ServeApp:
     max_lines: int = 64
     max_body_bytes: int = 262144
     max_beam_size: int = 10
+    workers: int = 0
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
     log_level: str = "info"

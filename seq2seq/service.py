@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -38,7 +37,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -125,7 +123,9 @@ class Batcher:
         self._jobs: deque[Job] = deque()
         self._waiting = 0  # sentences in _jobs
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="seq2seq-search")
+        self._workers = search_workers(config)
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="seq2seq-search")
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = Stats()
@@ -138,6 +138,11 @@ class Batcher:
     def waiting(self) -> int:
         """Sentences queued and not yet taken into a batch."""
         return self._waiting
+
+    @property
+    def searching(self) -> int:
+        """Batches being searched now."""
+        return len(self._running)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -188,14 +193,27 @@ class Batcher:
         job.future.cancel()
 
     async def _run(self) -> None:
+        """Whenever a search worker is free, collect a batch and start searching it.
+
+        Why wait for a free worker before collecting: requests that arrive while all
+        workers are busy join the next batch instead of starting small ones.
+        """
         while self._jobs or not self._closing:
-            if not self._jobs:
+            if not self._jobs or len(self._running) >= self._workers:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             await self._collect()
             if self._jobs:
-                await self._search(self._take())
+                task = asyncio.get_running_loop().create_task(self._search(self._take()))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+        while self._running:
+            await asyncio.wait(set(self._running))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()
 
     async def _collect(self) -> None:
         """Wait until the oldest job's batch is full or it has waited ``max_wait_ms``."""
@@ -239,8 +257,9 @@ class Batcher:
         """Search the batch's lines in one call on the worker thread; answer each job."""
         lines = [line for job in batch for line in job.lines]
         key = batch[0].key
+        # workers=1: the service runs its batches side by side, one per search thread
         translator = self._translator.with_decode(
-            beam_size=key.beam_size, nbest=key.nbest, batch_size=self._split(len(lines))
+            beam_size=key.beam_size, nbest=key.nbest, workers=1
         )
         run = partial(translator.hypotheses, lines, attention=key.attention)
         try:
@@ -260,13 +279,10 @@ class Batcher:
                 job.future.set_result(found[start : start + len(job.lines)])
             start += len(job.lines)
 
-    def _split(self, sentences: int) -> int:
-        """The translator's batch size: a batch cut into one part per search worker
-        (one per CPU thread by default), so every core searches; outputs do not
-        depend on it."""
-        decode = self._translator.decode
-        workers = decode.workers or torch.get_num_threads()
-        return max(1, min(decode.batch_size, math.ceil(sentences / workers)))
+
+def search_workers(config: ServeApp) -> int:
+    """Batches searched at once: ``config.workers``, or one per CPU core."""
+    return config.workers or len(os.sched_getaffinity(0)) or 1
 
 
 # --------------------------------------------------------------------------- API models
@@ -518,6 +534,8 @@ def check_config(config: ServeApp) -> None:
     for name in ("max_chars", "max_body_bytes", "timeout"):
         if getattr(config, name) <= 0:
             raise ValueError(f"{name}={getattr(config, name)}; it must be positive")
+    if config.workers < 0:
+        raise ValueError(f"workers={config.workers}; use 0 for one per CPU core")
     if config.max_wait_ms < 0:
         raise ValueError(f"max_wait_ms={config.max_wait_ms}; it must be 0 or more")
     if config.max_beam_size < config.decode.beam_size:
@@ -604,10 +622,12 @@ def _info(
         "batching": {
             name: getattr(config, name)
             for name in ("max_batch_sentences", "max_batch_tokens", "max_wait_ms", "max_queue")
-        },
+        }
+        | {"workers": search_workers(config)},
         "stats": {
             **asdict(batcher.stats if batcher else Stats()),
             "waiting": batcher.waiting if batcher else 0,
+            "searching": batcher.searching if batcher else 0,
             "uptime_seconds": round(uptime, 1),
         },
     }

@@ -326,7 +326,7 @@ def test_a_full_queue_answers_503_at_once_and_then_recovers(translator, bundle_d
     """One batch runs (held at a gate) while two sentences wait: the queue is full, so a
     further request gets 503 with Retry-After, not a wait; all accepted ones finish."""
     slow = gated(translator)
-    app = make_app(slow, bundle_dir, max_queue=2, max_batch_sentences=1, max_wait_ms=0)
+    app = make_app(slow, bundle_dir, max_queue=2, max_batch_sentences=1, max_wait_ms=0, workers=1)
 
     async def scenario():
         async with serving(app) as client:
@@ -359,7 +359,7 @@ async def _counts(client: httpx.AsyncClient, **wanted: int) -> bool:
 
 def test_a_request_waiting_too_long_gets_504(translator, bundle_dir):
     slow = gated(translator)
-    app = make_app(slow, bundle_dir, timeout=0.2, max_batch_sentences=1, max_wait_ms=0)
+    app = make_app(slow, bundle_dir, timeout=0.2, max_batch_sentences=1, max_wait_ms=0, workers=1)
 
     async def scenario():
         async with serving(app) as client:
@@ -375,6 +375,25 @@ def test_a_request_waiting_too_long_gets_504(translator, bundle_dir):
     assert "timeout=0.2" in timed_out[0].json()["error"]
     assert waiting == 0  # the queued request left the queue when it gave up
     assert after.status_code == 200
+
+
+def test_workers_search_batches_side_by_side(translator, bundle_dir, lines):
+    slow = gated(translator)
+    app = make_app(slow, bundle_dir, max_batch_sentences=2, max_wait_ms=0, workers=2)
+
+    async def scenario():
+        async with serving(app) as client:
+            tasks = [
+                asyncio.create_task(client.post("/translate", json={"q": lines[:2]}))
+                for _ in range(3)
+            ]
+            await until(lambda: _counts(client, searching=2, waiting=2), "two batches at once")
+            slow.gate.set()
+            return [await task for task in tasks], await stats(client)
+
+    replies, counters = run(scenario)
+    assert [r.status_code for r in replies] == [200] * 3
+    assert counters["batches"] == 3 and counters["searching"] == 0
 
 
 def test_shutdown_answers_every_queued_request(translator, bundle_dir, lines):
