@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -106,65 +107,66 @@ def check_local(url: str) -> str:
 # ------------------------------------------------------------------------------ clients
 
 
-async def run_phase(
-    url: str,
-    sentences: list[str],
-    *,
-    clients: int,
-    duration: float,
-    max_requests: int,
-    per_request: int,
-    body: dict[str, object],
-    timeout: float,
-    headers: dict[str, str],
-) -> Outcome:
-    """``clients`` loops, each posting one request and waiting for its answer, until
+@dataclass(frozen=True)
+class Phase:
+    """How the clients behave during one phase."""
+
+    clients: int
+    duration: float  # seconds
+    max_requests: int
+    per_request: int  # lines per request
+    body: dict[str, object]  # request fields besides q
+    timeout: float  # seconds a client waits for an answer
+    headers: dict[str, str]
+
+
+async def run_phase(url: str, sentences: list[str], phase: Phase) -> Outcome:
+    """``phase.clients`` loops, each posting one request and waiting for its answer, until
     ``duration`` seconds or ``max_requests`` requests; then every open request is awaited."""
-    outcome = Outcome(clients=clients)
-    chunks = itertools.cycle(
-        [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
-    )
+    outcome = Outcome(clients=phase.clients)
+    size = phase.per_request
+    chunks = itertools.cycle([sentences[i : i + size] for i in range(0, len(sentences), size)])
     budget = itertools.count()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=phase.clients, max_keepalive_connections=phase.clients)
     async with httpx.AsyncClient(
-        base_url=url, limits=limits, timeout=timeout, headers=headers
+        base_url=url, limits=limits, timeout=phase.timeout, headers=phase.headers
     ) as client:
         start = time.perf_counter()
-        end = start + duration
+        end = start + phase.duration
 
         async def one_client() -> None:
-            while time.perf_counter() < end and next(budget) < max_requests:
+            while time.perf_counter() < end and next(budget) < phase.max_requests:
                 lines = next(chunks)
                 sent = time.perf_counter()
                 try:
-                    reply = await client.post("/translate", json={"q": lines, **body})
+                    reply = await client.post("/translate", json={"q": lines, **phase.body})
                     status: int | None = reply.status_code
                 except httpx.HTTPError:
                     status = None
                 outcome.record(status, time.perf_counter() - sent, len(lines))
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+        await asyncio.gather(*(one_client() for _ in range(phase.clients)))
         outcome.seconds = time.perf_counter() - start
     return outcome
 
 
-def _phase_args(args: argparse.Namespace, clients: int, duration: float) -> dict[str, object]:
-    body: dict[str, object] = {}
-    if args.beam_size:
-        body["beam_size"] = args.beam_size
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    return {
-        "clients": clients,
-        "duration": duration,
-        "max_requests": args.max_requests,
-        "per_request": args.lines_per_request,
-        "body": body,
-        "timeout": args.client_timeout,
-        "headers": headers,
-    }
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
-async def server_stats(url: str, headers: dict[str, str]) -> dict[str, object]:
+def _phase(args: argparse.Namespace, clients: int, duration: float) -> Phase:
+    return Phase(
+        clients=clients,
+        duration=duration,
+        max_requests=args.max_requests,
+        per_request=args.lines_per_request,
+        body={"beam_size": args.beam_size} if args.beam_size else {},
+        timeout=args.client_timeout,
+        headers=_headers(args),
+    )
+
+
+async def server_stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         return (await client.get("/info")).json().get("stats", {})
 
@@ -177,14 +179,24 @@ def emit(record: dict[str, object], args: argparse.Namespace) -> None:
             f.write(line + "\n")
 
 
+def cpu_efficiency(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Sentences the server searched per second of its CPU time during the phase: a
+    figure that, unlike sentences/s, other jobs on a shared machine barely change."""
+    cpu = float(after.get("cpu_seconds", 0)) - float(before.get("cpu_seconds", 0))
+    done = int(after.get("sentences", 0)) - int(before.get("sentences", 0))
+    return round(done / cpu, 2) if cpu > 0 else None
+
+
 async def load(args: argparse.Namespace) -> None:
     url = check_local(args.url)
     sentences = read_sentences(args.sentences, args.limit)
     if args.warmup > 0:
-        await run_phase(url, sentences, **_phase_args(args, args.clients, args.warmup))
-    outcome = await run_phase(url, sentences, **_phase_args(args, args.clients, args.duration))
+        await run_phase(url, sentences, _phase(args, args.clients, args.warmup))
+    before = await server_stats(url, _headers(args))
+    outcome = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
     record = outcome.report("load")
-    record["server"] = await server_stats(url, _phase_args(args, 1, 0)["headers"])  # type: ignore[arg-type]
+    record["server"] = after = await server_stats(url, _headers(args))
+    record["server_sentences_per_cpu_s"] = cpu_efficiency(before, after)
     emit({**record, "label": args.label}, args)
 
 
@@ -192,13 +204,11 @@ async def overload(args: argparse.Namespace) -> None:
     """A burst of ``--burst-clients`` (503s expected), then ``--clients`` for recovery."""
     url = check_local(args.url)
     sentences = read_sentences(args.sentences, args.limit)
-    burst = await run_phase(
-        url, sentences, **_phase_args(args, args.burst_clients, args.burst_duration)
-    )
+    burst = await run_phase(url, sentences, _phase(args, args.burst_clients, args.burst_duration))
     emit({**burst.report("burst"), "label": args.label}, args)
-    after = await run_phase(url, sentences, **_phase_args(args, args.clients, args.duration))
+    after = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
     record = after.report("recovery")
-    record["server"] = await server_stats(url, _phase_args(args, 1, 0)["headers"])  # type: ignore[arg-type]
+    record["server"] = await server_stats(url, _headers(args))
     emit({**record, "label": args.label}, args)
 
 
@@ -219,11 +229,12 @@ def baseline(args: argparse.Namespace) -> None:
     decode = DecodeConfig(beam_size=args.beam_size or DecodeConfig.beam_size)
     translator = Translator.from_bundle(args.model, decode=decode, device="cpu")
     translator.translate(sentences[:32])  # warm up
-    rates = []
+    rates, per_cpu = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         translator.translate(sentences)
         rates.append(len(sentences) / (time.perf_counter() - start))
+        per_cpu.append(len(sentences) / (time.process_time() - cpu))
     singles = []
     for line in itertools.islice(itertools.cycle(sentences), args.single):
         start = time.perf_counter()
@@ -237,7 +248,8 @@ def baseline(args: argparse.Namespace) -> None:
             "sentences": len(sentences),
             "threads": torch.get_num_threads(),
             "sentences_per_s": [round(r, 2) for r in rates],
-            "sentences_per_s_median": round(statistics.median(rates), 2),
+            "sentences_per_s_median": round(statistics.median(rates), 2) if rates else None,
+            "sentences_per_cpu_s": [round(r, 2) for r in per_cpu],
             "single_p50_ms": _percentile(singles, 50),
             "single_p95_ms": _percentile(singles, 95),
         },

@@ -3,7 +3,7 @@
 Usage::
 
     seq2seq-serve model=BUNDLE [host=127.0.0.1] [port=8000] [api_key=KEY]
-        [decode.beam_size=5] [max_batch_sentences=64] [max_wait_ms=5] [max_queue=256]
+        [decode.beam_size=5] [max_batch_sentences=64] [max_wait_ms=10] [max_queue=256]
         [timeout=30] [max_lines=64] [max_chars=1000] [workers=2] [threads=1] [device=cpu]
 
 The API is described in `seq2seq.service` and served as OpenAPI at ``/docs``.
@@ -16,17 +16,16 @@ with one ``error: ...`` line and exit code 2.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 
 import hydra
 import torch
-import uvicorn
 from omegaconf import DictConfig
 
 from seq2seq.cli import expected_errors, register_configs, to_app
 from seq2seq.config import ServeApp, conf_dir
-from seq2seq.service import check_config, create_app, describe_bundle
 from seq2seq.translator import Translator
 
 register_configs()
@@ -45,8 +44,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def require_server_packages() -> None:
+    """FastAPI and uvicorn are an optional extra: say how to get them."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"seq2seq-serve needs {' and '.join(missing)}: pip install 'seq2seq[serve]'"
+        )
+
+
 def run(config: ServeApp) -> None:
     """Load the bundle, bind the port, serve until SIGTERM or Ctrl-C."""
+    require_server_packages()
+    import uvicorn
+
+    from seq2seq.service import check_config, create_app, describe_bundle
+
     check_config(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)

@@ -2,18 +2,19 @@
 
 Why a batcher: searching sentences one request at a time leaves most of the CPU
 idle between small matrix products; searching what several clients sent together
-costs little more than searching one sentence. Requests wait in one queue; a single
-worker takes the oldest request and every waiting request with the same decoding
-settings (up to ``max_batch_sentences`` sentences and ``max_batch_tokens`` source
-words), or what has arrived ``max_wait_ms`` after the oldest, and searches them as
-one call to `Translator.hypotheses` on its own thread, so the event loop keeps
-accepting and rejecting requests meanwhile. Search treats every sentence
-independently of its batch-mates, so batching never changes a translation.
+costs little more than searching one sentence. Requests wait in one queue; whenever
+one of ``workers`` search threads is free, the batcher takes the oldest request and
+every waiting request with the same decoding settings (up to ``max_batch_sentences``
+sentences and ``max_batch_tokens`` source words), once the batch is full or
+``max_wait_ms`` after the last search ended, and searches them as one call to
+`Translator.hypotheses` on that thread, so the event loop keeps accepting and
+rejecting requests meanwhile. Search treats every sentence independently of its
+batch-mates, so batching never changes a translation.
 
 Why bounded: the queue holds at most ``max_queue`` sentences; beyond it a request
 is refused at once with 503 and ``Retry-After`` instead of waiting without end, and
 a request that waits longer than ``timeout`` seconds gets 504. On shutdown the
-worker finishes every queued request before it stops.
+batcher finishes every queued request before it stops.
 
 The API (request and response bodies are JSON) is described by the pydantic models
 below and served as OpenAPI at ``/docs``. Hydra stays in the app (`seq2seq.serve`).
@@ -25,10 +26,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -106,6 +108,7 @@ class Stats:
     largest_batch: int = 0  # sentences
     rejected: int = 0  # 503: queue full or shutting down
     timed_out: int = 0  # 504
+    search_seconds: float = 0.0  # summed over batches (several run at once)
 
 
 def _words(lines: Sequence[str]) -> int:
@@ -114,8 +117,8 @@ def _words(lines: Sequence[str]) -> int:
 
 
 class Batcher:
-    """Collects waiting requests into batches and searches them, one batch at a time,
-    on a worker thread (see the module docstring)."""
+    """Collects waiting requests into batches and searches each on one of its search
+    threads (see the module docstring)."""
 
     def __init__(self, translator: Translator, config: ServeApp) -> None:
         self._translator = translator
@@ -126,6 +129,7 @@ class Batcher:
         self._workers = search_workers(config)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="seq2seq-search")
         self._running: set[asyncio.Task[None]] = set()
+        self._last_finish = -math.inf  # event-loop time the last search ended
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = Stats()
@@ -148,7 +152,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Refuse new requests, finish every queued one, then stop the worker."""
+        """Refuse new requests, finish every queued one, then stop the search threads."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
@@ -213,12 +217,20 @@ class Batcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._last_finish = asyncio.get_running_loop().time()
         self._wake.set()
 
     async def _collect(self) -> None:
-        """Wait until the oldest job's batch is full or it has waited ``max_wait_ms``."""
+        """Wait until the oldest job's batch is full, or ``max_wait_ms`` after the last
+        search ended.
+
+        Why from the last search's end: the clients it just answered send their next
+        requests within moments; a batch started at once would leave them to the
+        following one, and batches would shrink to a fraction of the clients. A request
+        reaching an idle service (the last search ended long ago) starts at once.
+        """
         loop = asyncio.get_running_loop()
-        deadline = self._jobs[0].arrived + self._config.max_wait_ms / 1000
+        deadline = self._last_finish + self._config.max_wait_ms / 1000
         while self._jobs and not self._closing and not self._full():
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -261,9 +273,9 @@ class Batcher:
         translator = self._translator.with_decode(
             beam_size=key.beam_size, nbest=key.nbest, workers=1
         )
-        run = partial(translator.hypotheses, lines, attention=key.attention)
+        run = partial(_timed, translator.hypotheses, lines, attention=key.attention)
         try:
-            found = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            found, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         except Exception as e:  # a bug in search must fail its requests, not the worker
             logger.exception("search failed on a batch of %d lines", len(lines))
             for job in batch:
@@ -271,6 +283,7 @@ class Batcher:
                     job.future.set_exception(e)
             return
         self.stats.batches += 1
+        self.stats.search_seconds += seconds
         self.stats.sentences += len(lines)
         self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
         start = 0
@@ -280,9 +293,20 @@ class Batcher:
             start += len(job.lines)
 
 
+def _timed(
+    search: Callable[..., list[list[TextHypothesis]]], lines: list[str], *, attention: bool
+) -> tuple[list[list[TextHypothesis]], float]:
+    start = time.perf_counter()
+    found = search(lines, attention=attention)
+    return found, time.perf_counter() - start
+
+
 def search_workers(config: ServeApp) -> int:
     """Batches searched at once: ``config.workers``, or one per CPU core."""
-    return config.workers or len(os.sched_getaffinity(0)) or 1
+    if config.workers:
+        return config.workers
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- API models
@@ -626,8 +650,10 @@ def _info(
         | {"workers": search_workers(config)},
         "stats": {
             **asdict(batcher.stats if batcher else Stats()),
+            "search_seconds": round(batcher.stats.search_seconds if batcher else 0.0, 2),
             "waiting": batcher.waiting if batcher else 0,
             "searching": batcher.searching if batcher else 0,
             "uptime_seconds": round(uptime, 1),
+            "cpu_seconds": round(time.process_time(), 2),  # this process, all threads
         },
     }

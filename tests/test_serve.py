@@ -162,23 +162,28 @@ def test_nbest_and_attention(translator, bundle_dir, lines):
 def test_concurrent_requests_are_batched_without_changing_translations(
     translator, bundle_dir, lines
 ):
-    """Each line is its own request, at two beam sizes: two full batches, and every
-    answer equals translating the lines directly."""
-    app = make_app(translator, bundle_dir, max_wait_ms=5000, max_batch_sentences=len(lines))
+    """While one search runs, each line arrives as its own request, at two beam sizes:
+    they make two full batches, and every answer equals translating the lines directly."""
+    slow = gated(translator)
+    app = make_app(slow, bundle_dir, max_wait_ms=60_000, max_batch_sentences=len(lines), workers=1)
 
     async def scenario():
         async with serving(app) as client:
-            replies = await asyncio.gather(
-                *(
-                    client.post("/translate", json={"q": line, "beam_size": beam})
-                    for beam in (1, 3)
-                    for line in lines
-                )
-            )
-            return replies, await stats(client)
+            first = asyncio.create_task(client.post("/translate", json={"q": lines[0]}))
+            await until(lambda: _counts(client, requests=1, waiting=0), "first batch running")
+            posts = [
+                client.post("/translate", json={"q": line, "beam_size": beam})
+                for beam in (1, 3)
+                for line in lines
+            ]
+            tasks = [asyncio.create_task(post) for post in posts]
+            await until(lambda: _counts(client, waiting=2 * len(lines)), "all queued")
+            slow.gate.set()
+            await first
+            return [await task for task in tasks], await stats(client)
 
     replies, counters = run(scenario)
-    assert counters["batches"] == 2
+    assert counters["batches"] == 3
     assert counters["largest_batch"] == len(lines)
     got = [r.json()["translations"][0] for r in replies]
     for beam, answers in zip((1, 3), (got[: len(lines)], got[len(lines) :]), strict=True):
@@ -188,6 +193,18 @@ def test_concurrent_requests_are_batched_without_changing_translations(
             [h[0].score if h else 0.0 for h in want], abs=1e-4
         )
     assert len({a["text"] for a in got}) > 3  # the lines really translate differently
+
+
+def test_a_request_to_an_idle_service_does_not_wait(translator, bundle_dir, lines):
+    """max_wait_ms only holds a batch open right after a search; an idle service
+    starts at once (this would time out otherwise)."""
+    app = make_app(translator, bundle_dir, max_wait_ms=60_000, timeout=30)
+
+    async def scenario():
+        async with serving(app) as client:
+            return await client.post("/translate", json={"q": lines[0]})
+
+    assert run(scenario).status_code == 200
 
 
 def test_health_ready_info_and_page(translator, bundle_dir):
@@ -397,23 +414,30 @@ def test_workers_search_batches_side_by_side(translator, bundle_dir, lines):
 
 
 def test_shutdown_answers_every_queued_request(translator, bundle_dir, lines):
-    app = make_app(translator, bundle_dir, max_wait_ms=60_000, max_batch_sentences=1000)
+    """The batcher stops only after searching what is queued (which would otherwise
+    wait a minute for company)."""
+    slow = gated(translator)
+    app = make_app(slow, bundle_dir, max_wait_ms=60_000, max_batch_sentences=1000, workers=1)
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             async with app.router.lifespan_context(app):
+                first = asyncio.create_task(client.post("/translate", json={"q": "a b"}))
+                await until(lambda: _counts(client, requests=1, waiting=0), "a search running")
                 tasks = [
                     asyncio.create_task(client.post("/translate", json={"q": line}))
                     for line in lines
                 ]
                 await until(lambda: _counts(client, waiting=len(lines)), "all queued")
+                slow.gate.set()
             # the lifespan has ended: the batcher stopped after searching the queue
-            return [await task for task in tasks]
+            return [await task for task in (first, *tasks)]
 
     replies = run(scenario)
-    assert [r.status_code for r in replies] == [200] * len(lines)
-    assert [r.json()["translations"][0]["text"] for r in replies] == translator.translate(lines)
+    assert [r.status_code for r in replies] == [200] * (len(lines) + 1)
+    texts = [r.json()["translations"][0]["text"] for r in replies[1:]]
+    assert texts == translator.translate(lines)
 
 
 # ----------------------------------------------------------------- the app, as a process
@@ -447,7 +471,9 @@ def wait_for_address(process: subprocess.Popen[str]) -> str:
 
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight(bundle_dir, translator, lines):
-    """Requests queued when SIGTERM arrives are all answered; then the process exits."""
+    """Requests queued when SIGTERM arrives are all answered; then the process exits.
+
+    The first requests start a search at once; the rest wait ``max_wait_ms`` for more."""
     process = serve_process(
         f"model={bundle_dir}",
         "port=0",
@@ -466,7 +492,8 @@ def test_sigterm_drains_requests_in_flight(bundle_dir, translator, lines):
         for thread in threads:
             thread.start()
         for _ in range(1000):
-            if httpx.get(f"{url}/info").json()["stats"]["waiting"] == len(lines):
+            counters = httpx.get(f"{url}/info").json()["stats"]
+            if counters["requests"] == len(lines) and counters["waiting"] > 0:
                 break
             time.sleep(0.01)
         else:
