@@ -17,7 +17,7 @@ from typing import NoReturn, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.config import EvaluateApp, TrainApp, TranslateApp
+from seq2seq.config import EvaluateApp, ServeApp, TrainApp, TranslateApp
 
 T = TypeVar("T")
 
@@ -34,6 +34,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainApp)
     cs.store(name="translate_schema", node=TranslateApp)
     cs.store(name="evaluate_schema", node=EvaluateApp)
+    cs.store(name="serve_schema", node=ServeApp)
 
 
 def fail(message: str) -> NoReturn:

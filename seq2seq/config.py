@@ -286,3 +286,37 @@ class EvaluateApp:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     device: str = "auto"
     threads: int = 0
+
+
+@dataclass
+class ServeApp:
+    """``seq2seq-serve``: a bundle behind an HTTP API with dynamic batching.
+
+    Requests wait in one queue; a free search worker takes up to
+    ``max_batch_sentences`` sentences (and ``max_batch_tokens`` whitespace-separated
+    source words) that share decoding settings, once that many wait or
+    ``max_wait_ms`` after the last search ended (at once on an idle service), and
+    searches them as one batch. ``max_queue`` bounds the sentences waiting (503
+    beyond it); ``timeout`` bounds a request's wait in seconds (504). ``workers``
+    batches are searched at once (0: one per CPU core), each on ``threads`` torch
+    threads: many small operations gain little from a second thread.
+    """
+
+    model: str = MISSING
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # else SEQ2SEQ_API_KEY; set: requests need a Bearer token
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    max_batch_sentences: int = 64
+    max_batch_tokens: int = 2000
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    timeout: float = 30.0
+    max_chars: int = 1000
+    max_lines: int = 64
+    max_body_bytes: int = 262144
+    max_beam_size: int = 10
+    workers: int = 0
+    device: str = "auto"
+    threads: int = 1
+    log_level: str = "info"

@@ -33,9 +33,11 @@ RANK = {
     "trainer": 9,
     "ensemble_training": 9.5,
     "cli": 9.5,
+    "service": 9.5,
     "train": 10,
     "translate": 10,
     "evaluate": 10,
+    "serve": 10,
 }
 APPS = 10  # the Hydra apps' rank
 

@@ -1,0 +1,302 @@
+"""Load test for ``seq2seq-serve``, and the in-process figures to compare it with.
+
+Three modes::
+
+    # N clients, each sending one request at a time, for a fixed time (or request count)
+    python scripts/load_test.py load --url http://127.0.0.1:8000 --sentences test.en.gz \\
+        --clients 32 --duration 30 [--max-requests 20000] [--beam-size 5] [--json out.json]
+
+    # a burst far beyond the queue, then normal load: 503s, recovery, nothing unanswered
+    python scripts/load_test.py overload --url ... --sentences ... --burst-clients 256 \\
+        --clients 32 --duration 15
+
+    # the same sentences translated in this process: sentences/s of one
+    # Translator.translate call over all of them (what seq2seq-translate does), and
+    # the latency of translating one sentence alone
+    python scripts/load_test.py baseline --model BUNDLE --sentences ... [--beam-size 5]
+
+Every client request gets an answer or is counted as unanswered (connection error or
+client timeout); the report gives requests/s, sentences/s, p50/p95/p99 latency and
+the counts of 200/503/504/other answers. Only servers on this machine are accepted
+(127.0.0.1, ::1 or localhost). Results print as JSON lines (``--json`` appends them
+to a file too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import itertools
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class Outcome:
+    """What the clients saw in one phase."""
+
+    clients: int
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # answered requests, seconds
+    statuses: dict[str, int] = field(default_factory=dict)
+    sentences: int = 0  # translated (status 200)
+    sent: int = 0
+    unanswered: int = 0
+
+    def record(self, status: int | None, latency: float, sentences: int) -> None:
+        self.sent += 1
+        if status is None:
+            self.unanswered += 1
+            return
+        self.latencies.append(latency)
+        name = str(status) if status in (200, 503, 504) else "other"
+        self.statuses[name] = self.statuses.get(name, 0) + 1
+        if status == 200:
+            self.sentences += sentences
+
+    def report(self, phase: str) -> dict[str, object]:
+        ok = self.statuses.get("200", 0)
+        return {
+            "phase": phase,
+            "clients": self.clients,
+            "seconds": round(self.seconds, 2),
+            "requests": self.sent,
+            "requests_per_s": round(self.sent / self.seconds, 2),
+            "ok_per_s": round(ok / self.seconds, 2),
+            "sentences_per_s": round(self.sentences / self.seconds, 2),
+            **{f"p{q}_ms": _percentile(self.latencies, q) for q in (50, 95, 99)},
+            "status": dict(sorted(self.statuses.items())),
+            "unanswered": self.unanswered,
+            "all_answered": self.unanswered == 0,
+        }
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return round(ordered[index] * 1000, 2)
+
+
+def read_sentences(path: str, limit: int) -> list[str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        lines = [line.rstrip("\n") for line in f]
+    return lines[:limit] if limit else lines
+
+
+def check_local(url: str) -> str:
+    host = urlparse(url).hostname
+    if host not in LOCAL_HOSTS:
+        sys.exit(f"error: --url must point at this machine ({', '.join(LOCAL_HOSTS)}), not {host}")
+    return url.rstrip("/")
+
+
+# ------------------------------------------------------------------------------ clients
+
+
+@dataclass(frozen=True)
+class Phase:
+    """How the clients behave during one phase."""
+
+    clients: int
+    duration: float  # seconds
+    max_requests: int
+    per_request: int  # lines per request
+    body: dict[str, object]  # request fields besides q
+    timeout: float  # seconds a client waits for an answer
+    headers: dict[str, str]
+
+
+async def run_phase(url: str, sentences: list[str], phase: Phase) -> Outcome:
+    """``phase.clients`` loops, each posting one request and waiting for its answer, until
+    ``duration`` seconds or ``max_requests`` requests; then every open request is awaited."""
+    outcome = Outcome(clients=phase.clients)
+    size = phase.per_request
+    chunks = itertools.cycle([sentences[i : i + size] for i in range(0, len(sentences), size)])
+    budget = itertools.count()
+    limits = httpx.Limits(max_connections=phase.clients, max_keepalive_connections=phase.clients)
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=phase.timeout, headers=phase.headers
+    ) as client:
+        start = time.perf_counter()
+        end = start + phase.duration
+
+        async def one_client() -> None:
+            while time.perf_counter() < end and next(budget) < phase.max_requests:
+                lines = next(chunks)
+                sent = time.perf_counter()
+                try:
+                    reply = await client.post("/translate", json={"q": lines, **phase.body})
+                    status: int | None = reply.status_code
+                except httpx.HTTPError:
+                    status = None
+                outcome.record(status, time.perf_counter() - sent, len(lines))
+
+        await asyncio.gather(*(one_client() for _ in range(phase.clients)))
+        outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _phase(args: argparse.Namespace, clients: int, duration: float) -> Phase:
+    return Phase(
+        clients=clients,
+        duration=duration,
+        max_requests=args.max_requests,
+        per_request=args.lines_per_request,
+        body={"beam_size": args.beam_size} if args.beam_size else {},
+        timeout=args.client_timeout,
+        headers=_headers(args),
+    )
+
+
+async def server_stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        return (await client.get("/info")).json().get("stats", {})
+
+
+def emit(record: dict[str, object], args: argparse.Namespace) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if args.json:
+        with Path(args.json).open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def cpu_efficiency(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Sentences the server searched per second of its CPU time during the phase: a
+    figure that, unlike sentences/s, other jobs on a shared machine barely change."""
+    cpu = float(after.get("cpu_seconds", 0)) - float(before.get("cpu_seconds", 0))
+    done = int(after.get("sentences", 0)) - int(before.get("sentences", 0))
+    return round(done / cpu, 2) if cpu > 0 else None
+
+
+async def load(args: argparse.Namespace) -> None:
+    url = check_local(args.url)
+    sentences = read_sentences(args.sentences, args.limit)
+    if args.warmup > 0:
+        await run_phase(url, sentences, _phase(args, args.clients, args.warmup))
+    before = await server_stats(url, _headers(args))
+    outcome = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
+    record = outcome.report("load")
+    record["server"] = after = await server_stats(url, _headers(args))
+    record["server_sentences_per_cpu_s"] = cpu_efficiency(before, after)
+    emit({**record, "label": args.label}, args)
+
+
+async def overload(args: argparse.Namespace) -> None:
+    """A burst of ``--burst-clients`` (503s expected), then ``--clients`` for recovery."""
+    url = check_local(args.url)
+    sentences = read_sentences(args.sentences, args.limit)
+    burst = await run_phase(url, sentences, _phase(args, args.burst_clients, args.burst_duration))
+    emit({**burst.report("burst"), "label": args.label}, args)
+    after = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
+    record = after.report("recovery")
+    record["server"] = await server_stats(url, _headers(args))
+    emit({**record, "label": args.label}, args)
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+def baseline(args: argparse.Namespace) -> None:
+    """Sentences/s of one ``Translator.translate`` over all sentences, and the median
+    latency of one sentence translated alone, in this process."""
+    import torch
+
+    from seq2seq.config import DecodeConfig
+    from seq2seq.translator import Translator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sentences = read_sentences(args.sentences, args.limit)
+    decode = DecodeConfig(beam_size=args.beam_size or DecodeConfig.beam_size)
+    translator = Translator.from_bundle(args.model, decode=decode, device="cpu")
+    translator.translate(sentences[:32])  # warm up
+    rates, per_cpu = [], []
+    for _ in range(args.repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        translator.translate(sentences)
+        rates.append(len(sentences) / (time.perf_counter() - start))
+        per_cpu.append(len(sentences) / (time.process_time() - cpu))
+    singles = []
+    for line in itertools.islice(itertools.cycle(sentences), args.single):
+        start = time.perf_counter()
+        translator.translate([line])
+        singles.append(time.perf_counter() - start)
+    emit(
+        {
+            "phase": "baseline",
+            "label": args.label,
+            "beam_size": decode.beam_size,
+            "sentences": len(sentences),
+            "threads": torch.get_num_threads(),
+            "sentences_per_s": [round(r, 2) for r in rates],
+            "sentences_per_s_median": round(statistics.median(rates), 2) if rates else None,
+            "sentences_per_cpu_s": [round(r, 2) for r in per_cpu],
+            "single_p50_ms": _percentile(singles, 50),
+            "single_p95_ms": _percentile(singles, 95),
+        },
+        args,
+    )
+
+
+# ---------------------------------------------------------------------------------- cli
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for name in ("load", "overload", "baseline"):
+        p = sub.add_parser(name)
+        p.add_argument("--sentences", required=True, help="one sentence per line (.gz ok)")
+        p.add_argument("--limit", type=int, default=0, help="use the first N sentences")
+        p.add_argument("--beam-size", type=int, default=0, help="default: the server's")
+        p.add_argument("--json", help="append the JSON report to this file")
+        p.add_argument("--label", default="")
+        if name == "baseline":
+            p.add_argument("--model", required=True)
+            p.add_argument("--repeats", type=int, default=3)
+            p.add_argument("--single", type=int, default=200, help="single-sentence calls")
+            p.add_argument("--threads", type=int, default=0)
+            continue
+        p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.add_argument("--api-key", default=None)
+        p.add_argument("--clients", type=int, default=32)
+        p.add_argument("--duration", type=float, default=30.0, help="seconds")
+        p.add_argument("--max-requests", type=int, default=100_000)
+        p.add_argument("--lines-per-request", type=int, default=1)
+        p.add_argument("--client-timeout", type=float, default=120.0, help="seconds")
+        p.add_argument("--warmup", type=float, default=3.0, help="seconds, load mode")
+        if name == "overload":
+            p.add_argument("--burst-clients", type=int, default=256)
+            p.add_argument("--burst-duration", type=float, default=15.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.mode == "baseline":
+        baseline(args)
+    else:
+        asyncio.run(load(args) if args.mode == "load" else overload(args))
+
+
+if __name__ == "__main__":
+    main()

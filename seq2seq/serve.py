@@ -1,0 +1,83 @@
+"""``seq2seq-serve``: a model bundle behind an HTTP API, with a web page at ``/``.
+
+Usage::
+
+    seq2seq-serve model=BUNDLE [host=127.0.0.1] [port=8000] [api_key=KEY]
+        [decode.beam_size=5] [max_batch_sentences=64] [max_wait_ms=10] [max_queue=256]
+        [timeout=30] [max_lines=64] [max_chars=1000] [workers=2] [threads=1] [device=cpu]
+
+The API is described in `seq2seq.service` and served as OpenAPI at ``/docs``.
+``port=0`` picks a free port. Once the model is loaded and the port is bound, one
+line ``seq2seq-serve: listening on http://HOST:PORT/`` goes to stderr. SIGTERM or
+Ctrl-C stops accepting connections, answers every request already received, then
+exits. A bundle that cannot be loaded or a port that cannot be bound ends the app
+with one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.config import ServeApp, conf_dir
+from seq2seq.translator import Translator
+
+register_configs()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that ``port=0`` can report the port it got."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
+def require_server_packages() -> None:
+    """FastAPI and uvicorn are an optional extra: say how to get them."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"seq2seq-serve needs {' and '.join(missing)}: pip install 'seq2seq[serve]'"
+        )
+
+
+def run(config: ServeApp) -> None:
+    """Load the bundle, bind the port, serve until SIGTERM or Ctrl-C."""
+    require_server_packages()
+    import uvicorn
+
+    from seq2seq.service import check_config, create_app, describe_bundle
+
+    check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
+    app = create_app(translator, config, describe_bundle(config.model, translator))
+    sock = bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"seq2seq-serve: listening on http://{shown}:{port}/", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False))
+    server.run(sockets=[sock])
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="serve")
+def main(cfg: DictConfig) -> None:
+    with expected_errors():
+        run(to_app(cfg, ServeApp, required=("model",)))
+
+
+if __name__ == "__main__":
+    main()
