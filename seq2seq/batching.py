@@ -188,7 +188,7 @@ def token_batches(
     if not len(lengths):
         return []
     src, tgt = lengths[:, 0].astype(np.int64), lengths[:, 1].astype(np.int64)
-    rng = np.random.default_rng([seed, epoch]) if seed is not None else None
+    rng = np.random.default_rng([seed % 2**64, epoch]) if seed is not None else None
     order = np.arange(len(lengths), dtype=np.int64)
     if rng is not None:
         rng.shuffle(order)
