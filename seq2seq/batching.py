@@ -182,17 +182,18 @@ def token_batches(
             still gets a batch of its own rather than being dropped.
 
     Returns:
-        One int64 array of example indices per batch.
+        One integer array of example indices per batch.
     """
     lengths = np.asarray(lengths).reshape(-1, 2)
     if not len(lengths):
         return []
-    src, tgt = lengths[:, 0].astype(np.int64), lengths[:, 1].astype(np.int64)
+    src, tgt = lengths[:, 0].astype(np.int32), lengths[:, 1].astype(np.int32)
     rng = np.random.default_rng([seed % 2**64, epoch]) if seed is not None else None
-    order = np.arange(len(lengths), dtype=np.int64)
+    # int32 indices: half the memory of int64 on a corpus of millions of pairs
+    order = np.arange(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
     if rng is not None:
         rng.shuffle(order)
-    key = tgt[order] * (int(src.max()) + 1) + src[order]
+    key = tgt[order].astype(np.int64) * (int(src.max()) + 1) + src[order]
     if key.max() < 1 << 16:
         key = key.astype(np.uint16)  # numpy's stable sort is a radix sort for 16 bits
     order = order[np.argsort(key, kind="stable")]
