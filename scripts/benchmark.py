@@ -27,8 +27,8 @@ Each part runs in its own process, so peak RSS is that part's own:
   cached tokenizer and store again, and then a real ``seq2seq.train`` child
   process of ``--scale-steps`` steps on the cached data: wall time, time from
   the command to its first step, peak RSS (the child's own, from ``wait4``)
-  and the median training tokens/s after the first five steps. The first line
-  is the original corpus itself, the baseline for every other size.
+  and the median training tokens/s after the first five steps. Size 0 is the
+  original corpus itself, the baseline for every other size.
 
         python scripts/benchmark.py scale --data-dir ../shared/data/multi30k \
             --scale-dir /tmp/scale --experiment multi30k_en_de_25min
@@ -408,7 +408,7 @@ def bench_scale(args: argparse.Namespace) -> list[dict]:
     data_dir = Path(args.data_dir).resolve()
     root = Path(args.scale_dir)
     results = []
-    for size in [0, *args.sizes]:
+    for size in args.sizes:
         corpus = (
             data_dir if size == 0 else write_repeated_corpus(data_dir, root / f"m30k_{size}", size)
         )
@@ -465,7 +465,13 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=100)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[0, 100_000, 1_000_000, 5_000_000],
+        help="training pairs per corpus; 0 is the original corpus",
+    )
     parser.add_argument("--scale-dir", default="/tmp/seq2seq-scale", help="corpora and caches")
     parser.add_argument("--scale-steps", type=int, default=20, help="steps of each training run")
     parser.add_argument("--scale-runs", type=int, default=2, help="training runs per size")
