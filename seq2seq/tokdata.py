@@ -29,9 +29,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import BinaryIO
 
@@ -187,9 +189,17 @@ def _encoded_chunks(source: PairSource, encoder_args: tuple, workers: int) -> It
         return
     # fork: workers inherit the imported modules and start at once; they run only
     # SentencePiece and numpy, never torch, so the parent's threads do not matter.
+    # At most two chunks per worker in flight: ``Pool.imap`` would read the whole
+    # corpus ahead into its task queue.
     context = multiprocessing.get_context("fork")
     with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
-        yield from pool.imap(_encode_in_worker, chunks)
+        pending: deque[AsyncResult[_Encoded]] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[str, int], str]:

@@ -192,3 +192,14 @@ def test_no_pairs_left_is_an_error(tmp_path: Path, tokenizer: Tokenizer) -> None
     with pytest.raises(CorpusError, match="no training pairs left after filtering"):
         open_or_build(source, tokenizer, directory=tmp_path / "cache", filters=Filters(1, 0.0))
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_worker_error_names_file_and_line(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    source = write_corpus(tmp_path / "corpus", generate_pairs(40, seed=1))
+    assert source.files is not None
+    src = source.files[0]
+    lines = src.read_bytes().splitlines(keepends=True)
+    src.write_bytes(b"".join([*lines[:30], b"caf\xe9\n", *lines[31:]]))
+    with pytest.raises(CorpusError, match=r"train\.en:31: not valid UTF-8"):
+        open_or_build(source, tokenizer, directory=tmp_path / "cache", filters=FILTERS, workers=2)
+    assert list((tmp_path / "cache").iterdir()) == []
