@@ -134,6 +134,9 @@ class DataConfig:
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
     max_length: int = 100
     max_ratio: float = 3.0
+    # Token store of the encoded training split; None: "tokens" beside tokenizer.cache_dir.
+    cache_dir: str | None = None
+    num_workers: int = 0  # processes encoding the training split; 0 = one per core
 
 
 # ------------------------------------------------------------------------ tokenizer

@@ -6,9 +6,13 @@ Why these choices:
   the model and search can use constants instead of asking the tokenizer.
 * Training happens in memory (no temporary corpus file), with one thread and no
   shuffling, so the same lines and settings always give byte-identical models.
-* A cache keyed by a hash of the training lines and the settings makes a second
-  run on the same data start instantly; writes are atomic (temp file +
-  ``os.replace``) so an interrupted run never leaves a half-written model.
+* The training lines are a seeded reservoir sample of at most
+  ``MAX_TRAINING_LINES`` pairs, read in one pass: memory stays bounded however
+  large the corpus, and a corpus below the cap is used whole, in order.
+* A cache keyed by a hash of the training data (its lines, or a corpus
+  fingerprint for streamed files) and the settings makes a second run on the
+  same data start instantly; writes are atomic (temp file + ``os.replace``) so
+  an interrupted run never leaves a half-written model.
 * ``hard_vocab_limit=False``: a small corpus cannot fill a large vocabulary, and
   that must shrink the vocabulary, not fail the run.
 """
@@ -21,7 +25,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -39,6 +43,7 @@ SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))  # removed when decoding (unk 
 SRC_FILE = "src.spm"
 TGT_FILE = "tgt.spm"
 MAX_TRAINING_LINES = 2_000_000  # per model; beyond that a seeded sample is used
+SAMPLE_SEED = 0
 _CACHE_VERSION = "1"  # bump when the training arguments below change
 
 
@@ -121,12 +126,17 @@ def _load_model(proto: bytes, name: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------- training
 
 
-def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], cfg: TokenizerConfig) -> str:
-    """Hash of everything that determines the trained models (not ``cache_dir``)."""
+def _settings_digest(cfg: TokenizerConfig) -> hashlib._Hash:
     digest = hashlib.sha256()
     # str(): an enum member and its plain name must give the same key.
     settings = (_CACHE_VERSION, cfg.model_type, cfg.vocab_size, cfg.joint, cfg.character_coverage)
     digest.update(repr(tuple(str(value) for value in settings)).encode())
+    return digest
+
+
+def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], cfg: TokenizerConfig) -> str:
+    """Hash of everything that determines the trained models (not ``cache_dir``)."""
+    digest = _settings_digest(cfg)
     for side in (src_lines, tgt_lines):
         digest.update(f"\0side {len(side)}\0".encode())
         for line in side:
@@ -135,12 +145,33 @@ def cache_key(src_lines: Sequence[str], tgt_lines: Sequence[str], cfg: Tokenizer
     return digest.hexdigest()[:32]
 
 
-def _sample(lines: Sequence[str]) -> list[str]:
-    """All lines, or a fixed-seed sample of ``MAX_TRAINING_LINES`` (same lines every run)."""
-    if len(lines) <= MAX_TRAINING_LINES:
-        return list(lines)
-    logger.info("training SentencePiece on %d of %d lines", MAX_TRAINING_LINES, len(lines))
-    return random.Random(0).sample(list(lines), MAX_TRAINING_LINES)
+def source_cache_key(fingerprint: str, cfg: TokenizerConfig) -> str:
+    """Cache key for a corpus known by its fingerprint (see ``corpus.PairSource``),
+    so a cached tokenizer is found without reading the corpus."""
+    digest = _settings_digest(cfg)
+    digest.update(f"\0source {fingerprint} {MAX_TRAINING_LINES} {SAMPLE_SEED}".encode())
+    return digest.hexdigest()[:32]
+
+
+def reservoir_sample(
+    pairs: Iterable[tuple[str, str]], size: int, seed: int = SAMPLE_SEED
+) -> tuple[list[str], list[str], int]:
+    """A uniform sample of at most ``size`` pairs, in one pass (Vitter's Algorithm R).
+
+    Returns the sampled source and target sides and the number of pairs seen.
+    With ``size`` or fewer pairs, every pair is kept in corpus order.
+    """
+    rng = random.Random(seed)
+    sample: list[tuple[str, str]] = []
+    seen = 0
+    for seen, pair in enumerate(pairs, start=1):
+        if seen <= size:
+            sample.append(pair)
+        else:
+            slot = rng.randrange(seen)
+            if slot < size:
+                sample[slot] = pair
+    return [s for s, _ in sample], [t for _, t in sample], seen
 
 
 def _train(lines: Sequence[str], cfg: TokenizerConfig, side: str) -> bytes:
@@ -150,7 +181,7 @@ def _train(lines: Sequence[str], cfg: TokenizerConfig, side: str) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_sample(lines)),
+            sentence_iterator=iter(lines),
             model_writer=model,
             model_type=str(cfg.model_type),
             vocab_size=cfg.vocab_size,
@@ -160,7 +191,7 @@ def _train(lines: Sequence[str], cfg: TokenizerConfig, side: str) -> bytes:
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            input_sentence_size=0,  # 0 = all lines given (already capped by _sample)
+            input_sentence_size=0,  # 0 = all lines given (already capped by the sample)
             shuffle_input_sentence=False,
             num_threads=1,
             minloglevel=2,
@@ -209,14 +240,28 @@ def train_or_load(
     ``cfg.joint`` (needed to tie source and target embeddings).
     """
     src_lines, tgt_lines = _as_list(src_lines), _as_list(tgt_lines)
-    directory = Path(cfg.cache_dir).expanduser() / cache_key(src_lines, tgt_lines, cfg)
+    key = cache_key(src_lines, tgt_lines, cfg)
+    return train_or_load_pairs(lambda: zip(src_lines, tgt_lines, strict=True), key, cfg)
+
+
+def train_or_load_pairs(
+    read_pairs: Callable[[], Iterable[tuple[str, str]]], key: str, cfg: TokenizerConfig
+) -> Tokenizer:
+    """Tokenizer cached under ``key``, or trained on a reservoir sample of
+    ``read_pairs()`` (called only on a cache miss) and then cached."""
+    directory = Path(cfg.cache_dir).expanduser() / key
     tokenizer = _load_cached(directory)
     if tokenizer is None:
+        size = MAX_TRAINING_LINES // 2 if cfg.joint else MAX_TRAINING_LINES
+        src_lines, tgt_lines, seen = reservoir_sample(read_pairs(), size)
+        if seen > size:
+            logger.info("training SentencePiece on a sample of %d of %d pairs", size, seen)
         if cfg.joint:
             src_model = tgt_model = _train([*src_lines, *tgt_lines], cfg, "joint")
         else:
             src_model = _train(src_lines, cfg, "source")
             tgt_model = _train(tgt_lines, cfg, "target")
+        del src_lines, tgt_lines
         files = {SRC_FILE: src_model, TGT_FILE: tgt_model}
         tokenizer = Tokenizer.from_serialized(files)
         for name, data in files.items():

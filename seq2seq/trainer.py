@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import load_model
 from torch import Tensor
@@ -26,11 +27,12 @@ from seq2seq import bundle as bundle_io
 from seq2seq import snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
 from seq2seq.config import OptimConfig, TrainApp
-from seq2seq.corpus import load_corpus
+from seq2seq.corpus import load_split
 from seq2seq.device import pick_device, use_bf16
 from seq2seq.metrics import bleu
 from seq2seq.model import Seq2Seq
-from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
+from seq2seq.tokdata import TokenStore, prepare
+from seq2seq.tokenizer import PAD_ID, Tokenizer
 from seq2seq.translator import Translator
 
 logger = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class Trainer:
         tokenizer: Tokenizer,
         config: TrainApp,
         *,
-        train_pairs: list[Pair],
+        train_data: TokenStore,
         valid_pairs: list[Pair],
         valid_src: list[str],
         valid_ref: list[str],
@@ -112,7 +114,7 @@ class Trainer:
         device: torch.device,
         reporter: Reporter | None = None,
     ) -> None:
-        if not train_pairs:
+        if not len(train_data):
             raise ValueError("no training pairs left after filtering; check data and filters")
         t = config.train
         if not (t.max_steps or t.max_epochs or t.max_time or t.patience):
@@ -123,8 +125,10 @@ class Trainer:
         self.model = model.to(device)
         self.tokenizer = tokenizer
         self.config = config
-        self.train_pairs = train_pairs
-        self.lengths = [(len(s), len(t) + 1) for s, t in train_pairs]
+        self.train_data = train_data
+        self.lengths = np.stack(  # (N, 2): source pieces, target pieces + EOS
+            [train_data.src_lengths, train_data.tgt_lengths.astype(np.int32) + 1], axis=1
+        )
         self.valid_pairs = valid_pairs
         self.valid_src = valid_src
         self.valid_ref = valid_ref
@@ -143,24 +147,16 @@ class Trainer:
     def from_config(
         cls, config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None
     ) -> Trainer:
-        """Corpus -> tokenizer -> filtered id pairs -> seeded model -> trainer."""
+        """Corpus -> tokenizer -> token store (both cached) -> seeded model -> trainer."""
         t = config.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        corpus = load_corpus(config.data)
-        train, valid = corpus["train"], corpus["valid"]
-        tokenizer = train_or_load(train["src"], train["tgt"], config.tokenizer)
+        tokenizer, train_data = prepare(config.data, config.tokenizer)
+        valid = load_split(config.data, "valid")
         if config.model.share_embeddings and not tokenizer.joint:
             raise ValueError(
                 "model.share_embeddings=true needs a joint vocabulary: set tokenizer.joint=true"
             )
-        train_pairs = encode_pairs(
-            train["src"],
-            train["tgt"],
-            tokenizer,
-            max_length=config.data.max_length,
-            max_ratio=config.data.max_ratio,
-        )
         valid_pairs = encode_pairs(valid["src"], valid["tgt"], tokenizer)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -175,7 +171,7 @@ class Trainer:
             model,
             tokenizer,
             config,
-            train_pairs=train_pairs,
+            train_data=train_data,
             valid_pairs=valid_pairs,
             valid_src=list(valid["src"]),
             valid_ref=list(valid["tgt"]),
@@ -198,7 +194,7 @@ class Trainer:
                 self.lengths, max_tokens=t.max_tokens, seed=t.seed, epoch=self.epoch
             )
             while self.position < len(batches) and not reason:
-                batch = collate([self.train_pairs[i] for i in batches[self.position]])
+                batch = self.train_data.batch(batches[self.position])
                 loss, tokens = self._train_step(batch.to(self.device))
                 self.position += 1
                 self.step += 1

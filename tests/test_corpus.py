@@ -5,13 +5,22 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
 import pytest
 
 from seq2seq.config import BuiltinConfig, DataConfig, DataFormat, SplitConfig
-from seq2seq.corpus import CorpusError, load_corpus, load_split, open_text, read_lines
+from seq2seq.corpus import (
+    CorpusError,
+    clean_chunk,
+    load_corpus,
+    load_split,
+    open_text,
+    read_lines,
+    train_source,
+)
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared/data/multi30k"
 
@@ -221,3 +230,76 @@ def test_real_multi30k_via_dir() -> None:
     }
     first = corpus["train"][0]
     assert first["src"].startswith("Two young") and first["tgt"].startswith("Zwei junge")
+
+
+# ---------------------------------------------------------------- streamed training split
+
+
+def _text_config(src: Path, tgt: Path) -> DataConfig:
+    return DataConfig(format=DataFormat.text, train=SplitConfig(src=str(src), tgt=str(tgt)))
+
+
+def test_streamed_pairs_equal_the_loaded_split(tmp_path: Path) -> None:
+    src_lines = ["\ufeff a cat ", "", "two\r", "x\u2028y", *(f"line {i}" for i in range(30)), "  "]
+    tgt_lines = ["eine Katze", "leer", " zwei", "x y", *(f"Zeile {i}" for i in range(30)), "z"]
+    src = write(tmp_path / "train.en", src_lines)
+    tgt = write(tmp_path / "train.de.gz", tgt_lines, gz=True)
+    cfg = _text_config(src, tgt)
+    source = train_source(cfg)
+    assert source.files == (src, tgt) and source.dataset is None
+    assert list(source.pairs()) == pairs(load_split(cfg, "train"))
+    for size in (1, 7, 1000):  # chunk boundaries do not change the cleaned pairs
+        chunks = list(source.chunks(size))
+        cleaned = [clean_chunk(chunk, source.files) for chunk in chunks]
+        assert [p for s, t in cleaned for p in zip(s, t, strict=True)] == list(source.pairs())
+
+
+def test_streamed_misaligned_files_name_both_paths_and_counts(tmp_path: Path) -> None:
+    src = write(tmp_path / "train.en", [f"s{i}" for i in range(25)])
+    tgt = write(tmp_path / "train.de.gz", [f"t{i}" for i in range(23)], gz=True)
+    source = train_source(_text_config(src, tgt))
+    for size in (4, 5, 23, 100):
+        with pytest.raises(CorpusError) as error:
+            list(source.chunks(size))
+        assert str(error.value) == f"misaligned corpus: {src} has 25 lines but {tgt} has 23"
+
+
+def test_streamed_errors_name_file_and_line(tmp_path: Path) -> None:
+    src = tmp_path / "train.en"
+    src.write_bytes(b"ok\nfine\n\xff\n")
+    tgt = write(tmp_path / "train.de", ["a", "b", "c"])
+    with pytest.raises(CorpusError, match=r"train\.en:3: not valid UTF-8"):
+        list(train_source(_text_config(src, tgt)).pairs())
+    with pytest.raises(CorpusError, match=r"not found: .*nope\.en"):
+        train_source(_text_config(tmp_path / "nope.en", tgt)).fingerprint  # noqa: B018
+
+
+def test_train_source_streams_files_and_loads_other_formats(tmp_path: Path) -> None:
+    write(tmp_path / "train.en.gz", ["one", "two"], gz=True)
+    write(tmp_path / "train.de", ["eins", "zwei"])
+    in_dir = train_source(DataConfig(format=DataFormat.hub, name="x", dir=str(tmp_path)))
+    assert in_dir.files == (tmp_path / "train.en.gz", tmp_path / "train.de")
+    assert list(in_dir.pairs()) == [("one", "eins"), ("two", "zwei")]
+    tsv = write(tmp_path / "train.tsv", ["a\tb", " c \td"])
+    loaded = train_source(DataConfig(format=DataFormat.tsv, train=SplitConfig(path=str(tsv))))
+    assert loaded.files is None and list(loaded.pairs()) == [("a", "b"), ("c", "d")]
+    builtin = train_source(DataConfig(builtin=BuiltinConfig(train_size=30, seed=2)))
+    assert len(list(builtin.pairs())) == 30
+    with pytest.raises(CorpusError, match=r"unknown data\.format=csv"):
+        train_source(DataConfig(format="csv"))  # type: ignore[arg-type]
+
+
+def test_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    src = write(tmp_path / "train.en", ["a", "b"])
+    tgt = write(tmp_path / "train.de", ["x", "y"])
+    first = train_source(_text_config(src, tgt)).fingerprint
+    assert first == train_source(_text_config(src, tgt)).fingerprint
+    write(tgt, ["x", "z"])  # same size: the content sample (and mtime) tell them apart
+    second = train_source(_text_config(src, tgt)).fingerprint
+    assert second != first
+    os.utime(tgt, ns=(1, 1))
+    assert train_source(_text_config(src, tgt)).fingerprint != second
+    loaded = DataConfig(builtin=BuiltinConfig(train_size=30, seed=2))
+    other = DataConfig(builtin=BuiltinConfig(train_size=30, seed=3))
+    assert train_source(loaded).fingerprint == train_source(loaded).fingerprint
+    assert train_source(loaded).fingerprint != train_source(other).fingerprint

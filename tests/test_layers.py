@@ -19,6 +19,7 @@ RANK = {
     "corpus": 2,
     "tokenizer": 2,
     "batching": 3,
+    "tokdata": 3.5,
     "additive": 3,
     "gru": 3,
     "loss": 3,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from seq2seq import tokenizer as tokenizer_module
 from seq2seq.builtin import generate_pairs
 from seq2seq.config import PieceModel, TokenizerConfig
 from seq2seq.tokenizer import (
@@ -17,7 +18,10 @@ from seq2seq.tokenizer import (
     UNK_ID,
     Tokenizer,
     cache_key,
+    reservoir_sample,
+    source_cache_key,
     train_or_load,
+    train_or_load_pairs,
 )
 
 PAIRS = generate_pairs(400, seed=11)
@@ -150,3 +154,58 @@ def test_tiny_corpus_with_big_vocab_does_not_fail(tmp_path: Path) -> None:
 def test_too_small_vocab_explains(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tokenizer\.vocab_size=8.*required_chars"):
         train_or_load(SRC, TGT, config(tmp_path, vocab_size=8))
+
+
+def test_reservoir_sample_keeps_a_small_corpus_whole_and_in_order() -> None:
+    src, tgt, seen = reservoir_sample(iter(PAIRS), len(PAIRS))
+    assert (src, tgt, seen) == (SRC, TGT, len(PAIRS))
+
+
+def test_reservoir_sample_is_seeded_bounded_and_spread() -> None:
+    pairs = [(f"s{i}", f"t{i}") for i in range(5000)]
+    src, tgt, seen = reservoir_sample(iter(pairs), 500)
+    assert seen == 5000 and len(src) == len(tgt) == 500
+    assert [s[1:] for s in src] == [t[1:] for t in tgt]  # the sides stay paired
+    assert (src, tgt) == reservoir_sample(iter(pairs), 500)[:2]
+    assert src != reservoir_sample(iter(pairs), 500, seed=1)[0]
+    drawn = sorted(int(s[1:]) for s in src)
+    assert len(set(drawn)) == 500
+    late = sum(i >= 2500 for i in drawn)  # uniform: about half from the second half
+    assert 200 < late < 300
+
+
+def test_training_reads_the_pairs_once_and_samples_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokenizer_module, "MAX_TRAINING_LINES", 150)
+    seen: list[int] = []
+    trained_on: list[int] = []
+    real_train = tokenizer_module._train
+
+    def counting_train(lines: list[str], cfg: TokenizerConfig, side: str) -> bytes:
+        trained_on.append(len(lines))
+        return real_train(lines, cfg, side)
+
+    def read_pairs():  # type: ignore[no-untyped-def]
+        seen.append(1)
+        return iter(PAIRS)
+
+    monkeypatch.setattr(tokenizer_module, "_train", counting_train)
+    cfg = config(tmp_path)
+    key = source_cache_key("corpus-a", cfg)
+    train_or_load_pairs(read_pairs, key, cfg)
+    assert seen == [1] and trained_on == [150, 150]
+    train_or_load_pairs(read_pairs, key, cfg)  # cached: not read again
+    assert seen == [1]
+    joint = config(tmp_path, joint=True)
+    train_or_load_pairs(read_pairs, source_cache_key("corpus-a", joint), joint)
+    assert trained_on[-1] == 150  # 75 pairs, both sides
+
+
+def test_source_cache_key_depends_on_fingerprint_and_settings(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    key = source_cache_key("a", cfg)
+    assert key == source_cache_key("a", config(tmp_path / "elsewhere"))
+    assert key != source_cache_key("b", cfg)
+    assert key != source_cache_key("a", config(tmp_path, vocab_size=90))
+    assert key != cache_key(SRC, TGT, cfg)
