@@ -15,6 +15,7 @@ RANK = {
     "config": 0,
     "device": 0,
     "metrics": 0,
+    "safe_output": 0,
     "builtin": 1,
     "corpus": 2,
     "tokenizer": 2,
