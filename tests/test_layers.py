@@ -30,6 +30,7 @@ RANK = {
     "bundle": 7,
     "snapshots": 7,
     "translator": 8,
+    "rundir": 8,
     "plotting": 8,
     "trainer": 9,
     "ensemble_training": 9.5,
