@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from sacrebleu.metrics.bleu import BLEU
 from tqdm import tqdm
 
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import EvaluateApp, conf_dir
 from seq2seq.corpus import read_lines
 from seq2seq.metrics import Score, corpus_scores, format_table, to_json
@@ -177,7 +177,7 @@ def listify_ref(args: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point: ``seq2seq-evaluate``."""
     sys.argv = [sys.argv[0], *listify_ref(sys.argv[1:])]
-    _app()
+    run_hydra(_app)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def _remove_temporaries(run_dir: Path) -> None:
     snapshot_dir = run_dir / SNAPSHOT_DIR
     if snapshot_dir.is_dir():
         stale += snapshot_dir.glob(".*")
-    for path in stale:
+    for path in (p for p in stale if os.path.lexists(p)):
         logger.info("removing stale temporary %s", path)
         bundle_io.remove_entry(path)
 

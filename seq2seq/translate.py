@@ -62,7 +62,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from seq2seq import plotting
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TranslateApp, conf_dir
 from seq2seq.safe_output import check_outputs, files_under, replace_on_success
 from seq2seq.translator import TextHypothesis, Translator
@@ -248,9 +248,14 @@ def run(config: TranslateApp) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     with expected_errors():
         run(to_app(cfg, TranslateApp, required=("model",)))
+
+
+def main() -> None:
+    """Console entry point: ``seq2seq-translate``."""
+    run_hydra(_app)
 
 
 if __name__ == "__main__":
