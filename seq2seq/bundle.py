@@ -48,6 +48,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from seq2seq.config import TrainApp
@@ -155,7 +156,10 @@ def save(
     """Write a complete bundle atomically and return its path."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        try:
+            save_model(model, str(tmp / WEIGHTS))
+        except SafetensorError as e:  # e.g. a full disk; an OSError like any other write
+            raise OSError(f"cannot write {path / WEIGHTS}: {e}") from e
         (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
         spm_files = tokenizer.serialize()
         for name, data in spm_files.items():

@@ -243,6 +243,17 @@ def recorded_best_bleu(run_dir: Path) -> float:
     return max(scores, default=-1.0)
 
 
+def records_until(run_dir: Path, checkpoint: Path, step: int) -> list[dict[str, Any]]:
+    """The metrics records of a run resumed at ``step``: the run's own up to that step,
+    or, when they fall short of what the checkpoint saw (it was recovered from a
+    temporary copy whose records never reached the run's file), the checkpoint's."""
+    kept = [r for r in bundle_io.load_metrics(run_dir) if r["step"] <= step]
+    saved = bundle_io.load_metrics(checkpoint)
+    if kept[: len(saved)] == saved:
+        return kept
+    return saved + [r for r in kept if r["step"] == step and r not in saved]
+
+
 # ---------------------------------------------------------------------------- run
 
 

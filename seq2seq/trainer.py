@@ -487,7 +487,7 @@ class Trainer:
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.records = [r for r in bundle_io.load_metrics(self.run_dir) if r["step"] <= self.step]
+        self.records = rundir.records_until(self.run_dir, last, self.step)
         bundle_io.atomic_write_bytes(
             self.run_dir / bundle_io.METRICS,
             "".join(json.dumps(r) + "\n" for r in self.records).encode(),
