@@ -61,6 +61,7 @@ def train_args(run: Path, args: argparse.Namespace) -> list[str]:
 def start(run: Path, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     env = {
         **os.environ,
+        "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     with open(log, "ab") as out:
