@@ -34,6 +34,7 @@ from seq2seq.config import (
     TrainApp,
     TrainingConfig,
 )
+from seq2seq.safe_output import OutputError, check_outputs
 from seq2seq.tokenizer import SRC_FILE, TGT_FILE, cache_key, train_or_load
 from seq2seq.trainer import Trainer
 
@@ -88,6 +89,10 @@ def _one_error_line(code: int, err: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+
+
+class Killed(BaseException):
+    """Raised where a kill -9 would stop the process; the disk is left as it was."""
 
 
 @pytest.fixture
@@ -147,6 +152,18 @@ def test_translate_refuses_output_that_is_its_input(
     _one_error_line(code, err)
     assert "same file as input" in err
     assert src.read_text() == "one\ntwo\n"
+
+
+def test_outputs_are_compared_by_inode(tmp_path):
+    """A hard link is the same file under another name; a new path is no input."""
+    src = tmp_path / "in.txt"
+    src.write_text("x\n")
+    os.link(src, tmp_path / "hard.txt")
+    with pytest.raises(OutputError, match="same file as input"):
+        check_outputs({"output": str(tmp_path / "hard.txt")}, {"input": str(src)})
+    with pytest.raises(OutputError, match="same file as output"):
+        check_outputs({"output": "a.txt", "alignments": "./a.txt"}, {"input": str(src)})
+    check_outputs({"output": str(tmp_path / "new.txt")}, {"input": str(src), "stdin": None})
 
 
 def test_failed_translation_leaves_the_existing_output_untouched(run_app, model_dir, tmp_path):
@@ -345,13 +362,34 @@ def test_unbounded_files_are_refused_without_reading(model_dir, tmp_path, kind):
 
 def test_missing_last_is_refused_instead_of_restarting(tmp_path):
     run = tmp_path / "run"
-    _fit(_config(tmp_path, max_steps=7))
+    _fit(_config(tmp_path, max_steps=14))
     best = _weights(run / "best")
     shutil.rmtree(run / "last")
     with pytest.raises(rundir.RunDirError, match=r"train\.resume=false"):
-        _fit(_config(tmp_path, max_steps=14))
+        _fit(_config(tmp_path, max_steps=21))
     assert all(torch.equal(best[k], v) for k, v in _weights(run / "best").items())
-    assert _steps(run) == [3, 6]
+    assert _steps(run) == [3, 6, 9, 12]
+
+
+def test_kill_before_the_first_checkpoint_starts_over_cleanly(tmp_path, monkeypatch):
+    """Killed while the first ``last/`` is half-written: the next run starts from step
+    0 without duplicating records, and ends where an uninterrupted run ends."""
+    _fit(_config(tmp_path / "a", max_steps=14))
+    real = torch.save
+
+    def torn(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 torn")
+        monkeypatch.setattr(torch, "save", real)
+        raise Killed
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(Killed):
+        _fit(_config(tmp_path, max_steps=14))
+    assert (tmp_path / "run/best").is_dir() and not (tmp_path / "run/last").exists()
+    assert _fit(_config(tmp_path, max_steps=14)).steps == 14
+    a, b = _weights(tmp_path / "a/run/last"), _weights(tmp_path / "run/last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _steps(tmp_path / "run") == [3, 6, 9, 12]
 
 
 def test_fresh_start_keeps_a_better_best(tmp_path):
@@ -368,10 +406,6 @@ def test_fresh_start_keeps_a_better_best(tmp_path):
     assert result.best_bleu == 99.0
     assert (run / rundir.PREVIOUS_METRICS).is_file()
     assert _steps(run) == [3, 6, 9, 12], "the fresh run's metrics start over"
-
-
-class Killed(BaseException):
-    """Raised where a kill -9 would stop the process; the disk is left as it was."""
 
 
 def _kill_at_checkpoint_rename(monkeypatch, *, when: int) -> None:
