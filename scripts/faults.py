@@ -87,18 +87,38 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float, *, poll: float) -> b
     return False
 
 
+def markers(run: Path) -> set[tuple[str, int]]:
+    """Checkpoint write markers present now, by name and inode: ``.last.tmp-*``
+    directories and the set-aside ``last.old``."""
+    found = set()
+    for path in [*run.glob(".last.tmp-*"), run / "last.old"]:
+        try:
+            found.add((path.name, path.lstat().st_ino))
+        except OSError:
+            continue
+    return found
+
+
 def kill_once(
     proc: subprocess.Popen, run: Path, kind: str, rng: random.Random, life: float
 ) -> bool:
-    """Kill ``proc`` the way ``kind`` says; False when it finished first."""
+    """Kill ``proc`` the way ``kind`` says; False when it finished first.
+
+    Markers left by an earlier kill do not count: a ``write`` or ``swap`` kill
+    waits for one this process made.
+    """
+    stale = markers(run)
+
+    def fresh(prefix: str) -> bool:
+        return any(name.startswith(prefix) for name, _ in markers(run) - stale)
+
     if kind == "random":
         wait_for(proc, lambda: False, rng.uniform(0.2, life), poll=0.01)
     elif kind == "write":
-        wait_for(proc, lambda: any(run.glob(".last.tmp-*")), life * 2, poll=0.001)
+        wait_for(proc, lambda: fresh(".last.tmp-"), life * 3, poll=0.001)
         time.sleep(rng.uniform(0.0, 0.03))
     else:
-        old = run / "last.old"
-        wait_for(proc, lambda: os.path.lexists(old), life * 2, poll=0.0002)
+        wait_for(proc, lambda: fresh("last.old"), life * 3, poll=0.0002)
     if proc.poll() is not None:
         return False
     proc.send_signal(signal.SIGKILL)
