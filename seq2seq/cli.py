@@ -85,7 +85,9 @@ def run_hydra(app: Callable[[], None]) -> None:
     os.environ[FULL_ERROR] = "1"
     try:
         app()
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, *EXPECTED) as e:
+        # An expected error out here came from Hydra's own setup, e.g. a run_dir
+        # that is a file; the app's errors were already handled inside.
         if _tracebacks[-1]:
             raise
         fail(one_line(e))

@@ -16,10 +16,10 @@ Why each piece:
   ``last/``, as the set-aside ``last.old`` or as a finished ``.last.tmp-*``.
   The newest complete one becomes ``last/``, and every other temporary is
   removed, before training starts.
-* **No silent restart.** A directory with earlier work (``best/`` or
-  validation records) but nothing to resume from is refused unless
-  ``train.resume=false`` asks for a fresh run; even then ``best/`` is only
-  replaced by a model that validates better.
+* **No silent restart.** A directory whose run got past its first checkpoint
+  but has none left is refused unless ``train.resume=false`` asks for a fresh
+  run; a run killed before its first checkpoint starts again from step 0. A
+  fresh start replaces ``best/`` only with a model that validates better.
 """
 
 from __future__ import annotations
@@ -227,11 +227,24 @@ def _remove_temporaries(run_dir: Path) -> None:
         bundle_io.remove_entry(path)
 
 
-def has_earlier_work(run_dir: Path) -> bool:
-    """A best bundle or a validation record: work a silent restart would discard."""
-    if os.path.lexists(run_dir / "best"):
-        return True
-    return any(r.get("kind") == "valid" for r in bundle_io.load_metrics(run_dir))
+def lost_checkpoint(run_dir: Path) -> bool:
+    """Whether the run got past its first checkpoint, though none is left now.
+
+    Every regular validation appends its record and then writes ``last/``; a
+    second validation step on record therefore means the first checkpoint was
+    complete, and a restart from step 0 would silently discard that work.
+    """
+    steps = {r.get("step") for r in bundle_io.load_metrics(run_dir) if r.get("kind") == "valid"}
+    return len(steps) >= 2
+
+
+def _clear_unfinished_start(run_dir: Path) -> None:
+    """Records of an attempt killed before its first checkpoint: a restart from step 0
+    writes them again, so they go (``best/`` stays, guarded by its recorded BLEU)."""
+    metrics = run_dir / bundle_io.METRICS
+    if metrics.is_file() and metrics.stat().st_size:
+        logger.warning("no checkpoint in %s yet: starting from step 0", run_dir)
+        metrics.unlink()
 
 
 def recorded_best_bleu(run_dir: Path) -> float:
@@ -329,13 +342,15 @@ def open_run(config: TrainApp, run_dir: Path) -> Run:
         if not config.train.resume:
             _start_afresh(run_dir, checkpoint)
             return Run(run_dir, config, lock, None, {})
-        if checkpoint is None and has_earlier_work(run_dir):
+        if checkpoint is None and lost_checkpoint(run_dir):
             raise RunDirError(
-                f"{run_dir} holds earlier work (best/ or validation records) but no "
-                f"complete checkpoint to resume from (last/ is missing or incomplete): "
+                f"{run_dir} holds earlier work (validation records of several steps) but "
+                f"no complete checkpoint to resume from (last/ is missing or incomplete): "
                 f"{FRESH_HINT}"
             )
-        if checkpoint is not None:
+        if checkpoint is None:
+            _clear_unfinished_start(run_dir)
+        else:
             _check_settings(run_dir, config, manifest, checkpoint)
         return Run(run_dir, config, lock, checkpoint, manifest)
     except BaseException:

@@ -231,6 +231,24 @@ def test_hydra_config_errors_are_one_line(run_app, tmp_path, app, args, message)
     assert message in err and out == ""
 
 
+def test_run_dir_that_is_a_file_is_one_line(run_app, tmp_path):
+    """Hydra creates the run directory before the app runs; its failure is worded too."""
+    (tmp_path / "file").write_text("")
+    code, _, err = run_app(train.main, "debug=tiny", f"run_dir={tmp_path / 'file'}")
+    _one_error_line(code, err)
+    assert "File exists" in err
+
+
+def test_hydra_full_error_keeps_the_traceback(monkeypatch):
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setattr(sys, "argv", ["train", "debug=tiny", "no_such_key=1"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException):
+        train.main()
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+
+
 @pytest.mark.parametrize(
     "override",
     ["decode.alpha=nan", "decode.alpha=-1", "decode.beam_size=100000", "decode.max_len_a=inf"],
