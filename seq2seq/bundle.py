@@ -391,7 +391,7 @@ def _read_bounded(root: Path, name: str, limit: int) -> bytes:
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Metrics records; a torn last line (from a crash mid-append) is skipped."""
-    records = []
+    records: list[dict[str, Any]] = []
     file = Path(path) / METRICS if Path(path).is_dir() else Path(path)
     if not file.is_file():
         return records

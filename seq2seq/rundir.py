@@ -365,7 +365,8 @@ def _check_settings(
     before = settings(bundle_io.load_config(checkpoint))
     now = settings(config)
     fixed_before = manifest.get("settings") or protected(before)
-    refused = changes(fixed_before, protected(now))
+    # Keys the run's record lacks came with a newer schema: their defaults apply.
+    refused = changes(fixed_before, {k: v for k, v in protected(now).items() if k in fixed_before})
     if refused:
         raise RunDirError(
             f"{run_dir} was started with other data, tokenizer or model settings "
