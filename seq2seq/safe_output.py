@@ -12,6 +12,7 @@ succeeds.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,14 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _special(path: str | Path) -> bool:
+    """A device, FIFO or socket: written through, never clobbered (``/dev/null``)."""
+    try:
+        return not stat.S_ISREG(os.stat(Path(path).expanduser()).st_mode)
+    except OSError:
+        return False
+
+
 def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | Path | None]) -> None:
     """Refuse outputs that are the same file as an input or as each other.
 
@@ -48,7 +57,7 @@ def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | Path |
         if ident is not None:
             seen.setdefault(ident, name)
     for name, path in outputs.items():
-        if path is None:
+        if path is None or _special(path):
             continue
         key: tuple[int, int] | str = _identity(path) or os.path.realpath(Path(path).expanduser())
         if key in seen:
@@ -81,9 +90,16 @@ def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator
 
     The temporary file sits beside the target (beside the file a symlink points
     to), so the final rename stays on one file system and is atomic; a failed
-    run removes it and leaves any existing ``path`` untouched.
+    run removes it and leaves any existing ``path`` untouched. A target that is
+    not a regular file (a device or FIFO) is written directly.
     """
     target = Path(os.path.realpath(Path(path).expanduser()))
+    if target.exists() and not target.is_file():
+        # A device, FIFO or terminal (/dev/null, /dev/stdout) is written in place:
+        # renaming over it would replace the device node with a regular file.
+        with open(target, "w", encoding=encoding, newline="\n") as stream:
+            yield stream
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

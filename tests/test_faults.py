@@ -34,7 +34,7 @@ from seq2seq.config import (
     TrainApp,
     TrainingConfig,
 )
-from seq2seq.safe_output import OutputError, check_outputs
+from seq2seq.safe_output import OutputError, check_outputs, replace_on_success
 from seq2seq.tokenizer import SRC_FILE, TGT_FILE, cache_key, train_or_load
 from seq2seq.trainer import Trainer
 
@@ -164,6 +164,23 @@ def test_outputs_are_compared_by_inode(tmp_path):
     with pytest.raises(OutputError, match="same file as output"):
         check_outputs({"output": "a.txt", "alignments": "./a.txt"}, {"input": str(src)})
     check_outputs({"output": str(tmp_path / "new.txt")}, {"input": str(src), "stdin": None})
+    check_outputs({"output": "/dev/null", "alignments": "/dev/null"}, {"input": "/dev/null"})
+
+
+def test_output_to_a_device_writes_through_it(tmp_path):
+    """``output=/dev/null`` must not replace the device node with a regular file."""
+    before = os.stat("/dev/null")
+    with replace_on_success("/dev/null") as out:
+        out.write("discarded\n")
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    with replace_on_success(fifo) as out:
+        out.write("through\n")
+    assert reader.communicate(timeout=30)[0] == b"through\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
 def test_failed_translation_leaves_the_existing_output_untouched(run_app, model_dir, tmp_path):
