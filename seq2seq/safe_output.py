@@ -93,13 +93,14 @@ def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator
     run removes it and leaves any existing ``path`` untouched. A target that is
     not a regular file (a device or FIFO) is written directly.
     """
-    target = Path(os.path.realpath(Path(path).expanduser()))
-    if target.exists() and not target.is_file():
+    given = Path(path).expanduser()
+    if _special(given):
         # A device, FIFO or terminal (/dev/null, /dev/stdout) is written in place:
         # renaming over it would replace the device node with a regular file.
-        with open(target, "w", encoding=encoding, newline="\n") as stream:
+        with open(given, "w", encoding=encoding, newline="\n") as stream:
             yield stream
         return
+    target = Path(os.path.realpath(given))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
