@@ -114,11 +114,17 @@ def one_line(error: BaseException) -> str:
     return " ".join(parts) or type(error).__name__
 
 
-def to_app(cfg: DictConfig, schema: Callable[..., T], *, required: tuple[str, ...] = ()) -> T:
-    """The typed app config, after naming any required key the user left out."""
-    for key in required:
+def to_app(
+    cfg: DictConfig, schema: Callable[..., T], *, required: dict[str, str] | None = None
+) -> T:
+    """The typed app config, after naming any required key the user left out.
+
+    Args:
+        required: key -> what to pass, e.g. ``{"model": "BUNDLE"}``.
+    """
+    for key, what in (required or {}).items():
         if OmegaConf.is_missing(cfg, key):
-            raise ValueError(f"no {key} given; pass {key}=...")
+            raise ValueError(f"no {key} given; pass {key}={what}")
     config = OmegaConf.to_object(cfg)
     if not isinstance(config, schema):  # type: ignore[arg-type]
         raise TypeError(f"expected {schema}, got {type(config)}")

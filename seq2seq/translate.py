@@ -250,7 +250,7 @@ def run(config: TranslateApp) -> int:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
 def _app(cfg: DictConfig) -> None:
     with expected_errors():
-        run(to_app(cfg, TranslateApp, required=("model",)))
+        run(to_app(cfg, TranslateApp, required={"model": "BUNDLE"}))
 
 
 def main() -> None:
