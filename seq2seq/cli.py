@@ -2,7 +2,10 @@
 
 Why one place: every app must treat a user's mistake the same way (one
 ``error: ...`` line on stderr and exit code 2, never a traceback), while a
-real bug keeps its traceback. Only the apps import this module, so the
+real bug keeps its traceback. Hydra's own configuration errors (unknown key,
+bad override, wrong type, missing group option) count as mistakes too:
+`run_hydra` turns them into the same line, where Hydra would print several
+lines and exit with 1. Only the apps import this module, so the
 library below them never loads Hydra.
 """
 
@@ -15,7 +18,9 @@ from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.config import EvaluateApp, ServeApp, TrainApp, TranslateApp
 
@@ -26,6 +31,10 @@ T = TypeVar("T")
 # or unreadable files are OSErrors, a missing optional package an ImportError.
 EXPECTED = (ValueError, OSError, ImportError)
 USAGE_ERROR = 2
+FULL_ERROR = "HYDRA_FULL_ERROR"
+# Whether the user asked for tracebacks; `run_hydra` sets FULL_ERROR for Hydra
+# itself, so the user's own setting is remembered here.
+_tracebacks: list[bool] = []
 
 
 def register_configs() -> None:
@@ -56,16 +65,67 @@ def expected_errors() -> Iterator[None]:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except EXPECTED as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if _tracebacks_wanted():
             raise
         fail(str(e) or type(e).__name__)
 
 
-def to_app(cfg: DictConfig, schema: Callable[..., T], *, required: tuple[str, ...] = ()) -> T:
-    """The typed app config, after naming any required key the user left out."""
-    for key in required:
+def _tracebacks_wanted() -> bool:
+    return _tracebacks[-1] if _tracebacks else os.environ.get(FULL_ERROR) == "1"
+
+
+def run_hydra(app: Callable[[], None]) -> None:
+    """Call a ``hydra.main`` app; Hydra's configuration errors end as one ``error:``
+    line and exit code 2 (with ``HYDRA_FULL_ERROR=1``: Hydra's traceback).
+
+    Why through FULL_ERROR: with it set, Hydra re-raises the original exception
+    instead of printing it and exiting, so it can be caught here and worded once.
+    """
+    _tracebacks.append(os.environ.get(FULL_ERROR) == "1")
+    previous = os.environ.get(FULL_ERROR)
+    os.environ[FULL_ERROR] = "1"
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException, *EXPECTED) as e:
+        # An expected error out here came from Hydra's own setup, e.g. a run_dir
+        # that is a file; the app's errors were already handled inside.
+        if _tracebacks[-1]:
+            raise
+        fail(one_line(e))
+    finally:
+        _tracebacks.pop()
+        if previous is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = previous
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's several-line messages (and their cause's) as one line,
+    without the internal detail lines (``full_key:``, ``object_type=``, search path)."""
+    parts: list[str] = []
+    for e in (error, error.__cause__):
+        for line in str(e or "").splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            internal = line.startswith(("full_key:", "object_type=", "reference_type="))
+            if line and not internal and line not in parts:
+                parts.append(line)
+    return " ".join(parts) or type(error).__name__
+
+
+def to_app(
+    cfg: DictConfig, schema: Callable[..., T], *, required: dict[str, str] | None = None
+) -> T:
+    """The typed app config, after naming any required key the user left out.
+
+    Args:
+        required: key -> what to pass, e.g. ``{"model": "BUNDLE"}``.
+    """
+    for key, what in (required or {}).items():
         if OmegaConf.is_missing(cfg, key):
-            raise ValueError(f"no {key} given; pass {key}=...")
+            raise ValueError(f"no {key} given; pass {key}={what}")
     config = OmegaConf.to_object(cfg)
     if not isinstance(config, schema):  # type: ignore[arg-type]
         raise TypeError(f"expected {schema}, got {type(config)}")

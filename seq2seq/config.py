@@ -200,6 +200,15 @@ class TrainingConfig:
     ``seed + 1``, ...; each in ``run_dir/memberK`` with an even share of the time
     left, so ``max_time`` stays the whole run's budget) and writes ``best`` as an
     ensemble bundle that decodes with all of them.
+
+    ``resume=true`` (the default) continues from the newest complete checkpoint in
+    ``run_dir`` with the checkpoint's tokenizer; it refuses when the data, tokenizer
+    or model settings differ from the run's, or when the directory holds earlier
+    work but no checkpoint. Other changed settings (e.g. ``optim.lr``,
+    ``train.max_steps``) take effect and are logged. A run that finished under the
+    current budgets returns without training. ``resume=false`` starts a fresh run
+    in ``run_dir``: the old checkpoint and snapshots go, ``best`` stays until a
+    better model replaces it.
     """
 
     max_tokens: int = 4000

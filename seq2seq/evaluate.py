@@ -22,8 +22,11 @@ gives ``out/test_b5.hyp.txt``, so reports with different settings keep their own
 to ``hyp.txt`` in the current directory without ``json=``; the path is printed before
 the table.
 
-Errors (missing files, invalid UTF-8, different line counts, which name both counts)
-print ``error: ...`` on stderr and exit with code 2.
+Neither the hypothesis file nor the report may be one of the inputs (refused before
+anything is read); both are written whole or not at all.
+
+Errors (missing files, invalid UTF-8, different line counts, which name both counts,
+empty files) print ``error: ...`` on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from omegaconf import DictConfig
 from sacrebleu.metrics.bleu import BLEU
 from tqdm import tqdm
 
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import EvaluateApp, conf_dir
 from seq2seq.corpus import read_lines
 from seq2seq.metrics import Score, corpus_scores, format_table, to_json
+from seq2seq.safe_output import check_outputs, files_under, write_text
 from seq2seq.translator import Translator
 
 register_configs()
@@ -81,7 +85,10 @@ def header(config: EvaluateApp) -> str:
 def run(config: EvaluateApp) -> list[Score]:
     """Score hypotheses (read, or translated from ``src``) and print the report."""
     _check(config)
+    _check_outputs(config)
     refs = [read_lines(path) for path in config.ref]
+    if not refs[0]:
+        raise ValueError(f"reference {config.ref[0]} has no lines; nothing to score")
     if config.model:
         hyps = _translate(config, n_refs=len(refs[0]))
     else:
@@ -92,8 +99,7 @@ def run(config: EvaluateApp) -> list[Score]:
     print(format_table(scores))
     if config.json:
         path = Path(config.json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_json(scores), indent=2) + "\n", encoding="utf-8")
+        write_text(path, json.dumps(to_json(scores), indent=2) + "\n")
         logger.info("wrote %s", path)
     return scores
 
@@ -114,6 +120,20 @@ def _check(config: EvaluateApp) -> None:
         )
 
 
+def _check_outputs(config: EvaluateApp) -> None:
+    """Refuse a report or hypothesis file that is one of the inputs (checked by inode)."""
+    inputs: dict[str, str | Path | None] = {"src": config.src, "hyp": config.hyp}
+    inputs |= {f"ref {k}": ref for k, ref in enumerate(config.ref, start=1)}
+    if config.model:
+        inputs |= files_under(config.model)
+    outputs = {"json": config.json}
+    if config.model:
+        outputs[f"the hypothesis file (from json=, else ./{HYP_FILE})"] = str(
+            hypothesis_path(config)
+        )
+    check_outputs(outputs, inputs)
+
+
 def _translate(config: EvaluateApp, *, n_refs: int) -> list[str]:
     """Translate ``config.src`` with the CLI's decoding settings and save the hypotheses."""
     assert config.model is not None and config.src is not None
@@ -127,8 +147,7 @@ def _translate(config: EvaluateApp, *, n_refs: int) -> list[str]:
     bar = tqdm(stream, total=len(src), desc="translate", unit="sent", file=sys.stderr, delay=1.0)
     hyps = [h[0].text.replace("\n", " ") if h else "" for h in bar]
     path = hypothesis_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    write_text(path, "".join(h + "\n" for h in hyps))
     print(f"hypotheses: {path}")
     return hyps
 
@@ -158,7 +177,7 @@ def listify_ref(args: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point: ``seq2seq-evaluate``."""
     sys.argv = [sys.argv[0], *listify_ref(sys.argv[1:])]
-    _app()
+    run_hydra(_app)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
@@ -42,6 +43,9 @@ def take_snapshot(model: nn.Module, run_dir: Path, step: int, *, keep: int) -> P
     try:
         save_model(model, tmp)
         os.replace(tmp, path)
+    except SafetensorError as e:  # e.g. a full disk; an OSError like any other write
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -357,12 +357,27 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(data: DataConfig, tokenizer_cfg: TokenizerConfig) -> tuple[Tokenizer, TokenStore]:
-    """Training split -> tokenizer (cached) -> token store (cached): what training reads."""
+@dataclass(frozen=True)
+class Prepared:
+    """What training reads, and the key that names its data for resume checks."""
+
+    tokenizer: Tokenizer
+    store: TokenStore
+    data_key: str
+
+
+def prepare(
+    data: DataConfig, tokenizer_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None
+) -> Prepared:
+    """Training split -> tokenizer (cached) -> token store (cached): what training reads.
+
+    A resumed run passes its checkpoint's ``tokenizer``: the run must go on with the
+    pieces it started with, whatever SentencePiece would learn from the data now.
+    """
     source = train_source(data)
-    tokenizer = train_or_load_pairs(
-        source.pairs, source_cache_key(source.fingerprint, tokenizer_cfg), tokenizer_cfg
-    )
+    data_key = source_cache_key(source.fingerprint, tokenizer_cfg)
+    if tokenizer is None:
+        tokenizer = train_or_load_pairs(source.pairs, data_key, tokenizer_cfg)
     store = open_or_build(
         source,
         tokenizer,
@@ -370,4 +385,4 @@ def prepare(data: DataConfig, tokenizer_cfg: TokenizerConfig) -> tuple[Tokenizer
         filters=Filters(data.max_length, data.max_ratio),
         workers=data.num_workers,
     )
-    return tokenizer, store
+    return Prepared(tokenizer, store, data_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.allocator import retain_freed_memory
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TrainApp, conf_dir
 from seq2seq.ensemble_training import fit
 
@@ -25,15 +26,20 @@ class ProgressBar:
     readable line per validation; ``metrics.jsonl`` keeps the full records."""
 
     def __init__(self) -> None:
+        # Drawn from the first step on, so an early error line starts stderr cleanly.
         self._bar: tqdm | None = None
         self.lr = ""
 
     @property
     def bar(self) -> tqdm:
-        """Opened at the first step, so start-up log lines come before it."""
         if self._bar is None:
             self._bar = tqdm(desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         return self._bar
+
+    def close(self) -> None:
+        """End the bar's line (before an error message or the summary)."""
+        if self._bar is not None:
+            self._bar.close()
 
     def on_step(self, step: int, loss: float, tokens_per_s: float) -> None:
         self.bar.n = step
@@ -54,15 +60,20 @@ class ProgressBar:
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
-def main(cfg: DictConfig) -> None:
-    with expected_errors():
+def _app(cfg: DictConfig) -> None:
+    with expected_errors(), closing(ProgressBar()) as bar:
         config = to_app(cfg, TrainApp)
         retain_freed_memory()
         with logging_redirect_tqdm():  # log lines print above the bar, not through it
-            result = fit(config, run_dir=Path(config.run_dir), reporter=ProgressBar())
+            result = fit(config, run_dir=Path(config.run_dir), reporter=bar)
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")
     print(f"model bundle: {result.best}")
+
+
+def main() -> None:
+    """Console entry point: ``seq2seq-train``."""
+    run_hydra(_app)
 
 
 if __name__ == "__main__":

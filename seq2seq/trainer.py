@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from safetensors.torch import load_model
 from torch import Tensor
 
 from seq2seq import bundle as bundle_io
-from seq2seq import snapshots
+from seq2seq import rundir, snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
 from seq2seq.config import OptimConfig, TrainApp
 from seq2seq.corpus import load_split
@@ -140,18 +141,38 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.step = self.epoch = self.position = self.bad_validations = 0
         self.best_bleu = -1.0
+        self.keep_best_above = -1.0  # BLEU of an existing best/ that a fresh start must beat
         self.elapsed = 0.0
         self.records: list[dict[str, Any]] = []
+        self.run: rundir.Run | None = None  # the locked run directory (from_config opens it)
 
     @classmethod
     def from_config(
         cls, config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None
     ) -> Trainer:
-        """Corpus -> tokenizer -> token store (both cached) -> seeded model -> trainer."""
+        """Lock the run directory, then build the trainer (see `_build`); the lock is
+        held until `fit` ends, so a second training stops before loading anything."""
+        run = rundir.open_run(config, Path(run_dir))
+        try:
+            trainer = cls._build(config, run=run, run_dir=run_dir, reporter=reporter)
+        except BaseException:
+            run.close()
+            raise
+        trainer.run = run
+        return trainer
+
+    @classmethod
+    def _build(
+        cls, config: TrainApp, *, run: rundir.Run, run_dir: Path, reporter: Reporter | None
+    ) -> Trainer:
+        """Corpus -> tokenizer (the checkpoint's when resuming) -> token store (both
+        cached) -> seeded model -> trainer."""
         t = config.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        tokenizer, train_data = prepare(config.data, config.tokenizer)
+        prepared = prepare(config.data, config.tokenizer, tokenizer=run.checkpoint_tokenizer())
+        tokenizer, train_data = prepared.tokenizer, prepared.store
+        run.begin(data_key=prepared.data_key, tokenizer=tokenizer)
         valid = load_split(config.data, "valid")
         if config.model.share_embeddings and not tokenizer.joint:
             raise ValueError(
@@ -183,12 +204,28 @@ class Trainer:
     # ----------------------------------------------------------------- public
 
     def fit(self) -> FitResult:
-        """Train until a budget runs out or validation BLEU stops improving."""
+        """Train until a budget runs out or validation BLEU stops improving.
+
+        The run directory stays locked until the end (`seq2seq.rundir`); a run that
+        already finished under the current budgets returns without training.
+        """
+        run = self.run or rundir.open_run(self.config, self.run_dir)
+        try:
+            return self._fit(run)
+        finally:
+            run.close()
+            self.run = None
+
+    def _fit(self, run: rundir.Run) -> FitResult:
         t = self.config.train
-        self._maybe_resume()
+        self._maybe_resume(run.checkpoint)
+        reason = self._nothing_left()
+        if reason and run.finished:
+            logger.info("the run already finished at step %d: %s", self.step, reason)
+            return self._result(f"already finished: {reason}")
+        run.mark("running")
         start = time.monotonic() - self.elapsed
         window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
-        reason = ""
         while not reason:
             batches = token_batches(
                 self.lengths, max_tokens=t.max_tokens, seed=t.seed, epoch=self.epoch
@@ -214,18 +251,34 @@ class Trainer:
                 self.epoch += 1
                 self.position = 0
                 reason = reason or self._budget_exhausted(len(batches))
-        if self.step % t.valid_every != 0:
+        if self.step % t.valid_every != 0 and not self._validated_at_this_step():
             self._validate_and_checkpoint(regular=False)
         self._average_snapshots()
+        run.mark("finished", reason)
         logger.info("training stopped at step %d: %s", self.step, reason)
+        return self._result(reason)
+
+    def _result(self, reason: str) -> FitResult:
         return FitResult(
             best=self.run_dir / "best",
             last=self.run_dir / "last",
-            best_bleu=self.best_bleu,
+            best_bleu=max(self.best_bleu, self.keep_best_above),
             steps=self.step,
             elapsed=self.elapsed,
             stop_reason=reason,
         )
+
+    def _nothing_left(self) -> str:
+        """Why a resumed run has no step left to train ("" when it has); a partly
+        trained epoch counts as not done."""
+        patience = self.config.train.patience
+        if patience and self.bad_validations >= patience:
+            return f"early stopping: no BLEU gain in {patience} validations"
+        return self._budget_exhausted(sys.maxsize)
+
+    def _validated_at_this_step(self) -> bool:
+        """The final validation already ran (a resume after it, before the run ended)."""
+        return any(r["kind"] == "valid" and r["step"] == self.step for r in self.records[-3:])
 
     def validate(self) -> dict[str, float]:
         """Validation loss, perplexity and greedy BLEU (detokenised sacreBLEU)."""
@@ -310,7 +363,7 @@ class Trainer:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(metrics["bleu"])
         self._record({"kind": "valid", **metrics, "best_bleu": self.best_bleu})
-        if improved:
+        if improved and metrics["bleu"] > self.keep_best_above:
             self._save(self.run_dir / "best", with_state=False)
         if regular and self.config.train.average_last > 1:
             snapshots.take_snapshot(
@@ -342,7 +395,7 @@ class Trainer:
             {"kind": "average", "snapshots": len(files), **metrics, "best_bleu": self.best_bleu}
         )
         self._save(self.run_dir / "average", with_state=False)
-        if improved:
+        if improved and metrics["bleu"] > self.keep_best_above:
             self._save(self.run_dir / "best", with_state=False)
         self.model.load_state_dict(trained)
 
@@ -402,22 +455,23 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
-    def _maybe_resume(self) -> None:
-        last = self.run_dir / "last"
-        if not self.config.train.resume:
+    def _maybe_resume(self, last: Path | None) -> None:
+        """Continue from checkpoint ``last`` (found by `rundir.open_run`), if any, with
+        changed optimiser settings taking effect; a fresh start keeps an existing
+        ``best/`` until a better model replaces it."""
+        self.keep_best_above = rundir.recorded_best_bleu(self.run_dir)
+        state = bundle_io.load_trainer_state(last) if last is not None else None
+        if last is None or state is None:
             return
-        try:
-            state = bundle_io.load_trainer_state(last)
-        except bundle_io.BundleError:
-            return
-        if state is None:
-            return
-        load_model(
-            self.model, str(bundle_io.resolve(last) / bundle_io.WEIGHTS), device=str(self.device)
-        )
+        load_model(self.model, str(last / bundle_io.WEIGHTS), device=str(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state:
+        saved = bundle_io.load_config(last).optim
+        same_schedule = saved.schedule == self.config.optim.schedule
+        if self.scheduler is not None and "scheduler" in state and same_schedule:
             self.scheduler.load_state_dict(state["scheduler"])
+        rundir.apply_optim_changes(
+            self.optimizer.param_groups, self.scheduler, saved, self.config.optim
+        )
         for key in ("step", "epoch", "position", "bad_validations"):
             setattr(self, key, int(state[key]))
         self.best_bleu = float(state["best_bleu"])
@@ -426,7 +480,7 @@ class Trainer:
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.records = [r for r in bundle_io.load_metrics(self.run_dir) if r["step"] <= self.step]
+        self.records = rundir.records_until(self.run_dir, last, self.step)
         bundle_io.atomic_write_bytes(
             self.run_dir / bundle_io.METRICS,
             "".join(json.dumps(r) + "\n" for r in self.records).encode(),

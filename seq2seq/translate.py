@@ -24,7 +24,8 @@ Output formats (UTF-8, "\\n" line ends, tab-separated; stdout carries nothing el
 ``score`` is the search's ranking score, printed with 4 decimals: the GNMT
 length-normalised log-prob with beam search, the plain log-prob with greedy
 search (``decode=greedy`` or beam size 1). An empty or whitespace-only input line
-is not translated: it gives an empty translation with score 0 (one n-best line).
+(NUL characters count as whitespace) is not translated: it gives an empty
+translation with score 0 (one n-best line).
 
 ``alignments=FILE`` writes JSON lines, one per input line, for the best translation::
 
@@ -37,7 +38,9 @@ give empty lists. ``attention_plot=DIR`` draws the same matrices as
 lines); it needs matplotlib (``pip install seq2seq[plot]``).
 
 A progress bar (sentences/s) and log messages go to stderr; nothing is written
-into the current directory.
+into the current directory. ``output`` and ``alignments`` must not be the input or
+a file of the bundle (refused before anything is read), and appear only when the
+run succeeds: a failed run leaves an existing file as it was.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from seq2seq import plotting
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TranslateApp, conf_dir
+from seq2seq.safe_output import check_outputs, files_under, replace_on_success
 from seq2seq.translator import TextHypothesis, Translator
 
 register_configs()
@@ -111,12 +115,18 @@ def _decode_lines(handle: BinaryIO, name: str, *, errors: str, close: bool) -> I
                 ) from e
             if number == 1:
                 line = line.removeprefix("\ufeff")
-            yield line.removesuffix("\n")
+            line = line.removesuffix("\n")
+            yield "" if _blank(line) else line
     except (EOFError, gzip.BadGzipFile) as e:
         raise InputError(f"{name}: corrupt or truncated gzip after line {number}: {e}") from e
     finally:
         if close:
             handle.close()
+
+
+def _blank(line: str) -> bool:
+    """A line of only whitespace and NUL characters carries no text to translate."""
+    return not line.replace("\0", "").strip()
 
 
 # ------------------------------------------------------------------------------ output
@@ -180,7 +190,11 @@ class Sinks:
 
 @contextmanager
 def _open_output(path: str | None) -> Iterator[TextIO]:
-    """``path`` for writing (parents created), or stdout switched to UTF-8."""
+    """``path`` for writing (parents created), or stdout switched to UTF-8.
+
+    A file is written beside ``path`` and renamed over it at the end, so a run
+    that fails leaves an existing ``path`` as it was.
+    """
     if path is None:
         reconfigure = getattr(sys.stdout, "reconfigure", None)
         if reconfigure is not None:
@@ -188,9 +202,7 @@ def _open_output(path: str | None) -> Iterator[TextIO]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    file = Path(path).expanduser()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with file.open("w", encoding="utf-8", newline="\n") as handle:
+    with replace_on_success(path) as handle:
         yield handle
 
 
@@ -203,6 +215,10 @@ def run(config: TranslateApp) -> int:
         torch.set_num_threads(config.threads)
     if config.attention_plot:
         plotting.require_matplotlib()
+    check_outputs(
+        {"output": config.output, "alignments": config.alignments},
+        {"input": config.input, **files_under(config.model)},
+    )
     translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
     lines = read_input(config.input, errors=str(config.errors))
     attention = bool(config.alignments or config.attention_plot)
@@ -232,9 +248,14 @@ def run(config: TranslateApp) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     with expected_errors():
-        run(to_app(cfg, TranslateApp, required=("model",)))
+        run(to_app(cfg, TranslateApp, required={"model": "BUNDLE"}))
+
+
+def main() -> None:
+    """Console entry point: ``seq2seq-translate``."""
+    run_hydra(_app)
 
 
 if __name__ == "__main__":

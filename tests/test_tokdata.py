@@ -156,7 +156,8 @@ def test_second_run_reads_no_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     write_corpus(tmp_path / "corpus", generate_pairs(200, seed=8))
     data = _text_config(tmp_path / "corpus", tmp_path, num_workers=2)
     tok_cfg = TokenizerConfig(vocab_size=100, cache_dir=str(tmp_path / "spm"))
-    tokenizer, store = prepare(data, tok_cfg)
+    prepared = prepare(data, tok_cfg)
+    tokenizer, store = prepared.tokenizer, prepared.store
     loaded = load_split(data, "train")
     assert stored_pairs(store) == encode_pairs(
         loaded["src"], loaded["tgt"], tokenizer, max_length=100, max_ratio=3.0
@@ -166,7 +167,8 @@ def test_second_run_reads_no_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         raise AssertionError("read the corpus again")
 
     monkeypatch.setattr(PairSource, "chunks", no_reading)
-    again_tokenizer, again = prepare(data, tok_cfg)
+    again_prepared = prepare(data, tok_cfg)
+    again_tokenizer, again = again_prepared.tokenizer, again_prepared.store
     assert again.path == store.path and again_tokenizer.serialize() == tokenizer.serialize()
     default = tokdata.cache_dir(DataConfig(), tok_cfg)
     assert default == tmp_path / "tokens"
