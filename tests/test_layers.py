@@ -14,6 +14,7 @@ RANK = {
     "allocator": 0,
     "config": 0,
     "device": 0,
+    "distributed": 0,
     "metrics": 0,
     "builtin": 1,
     "corpus": 2,
