@@ -7,6 +7,7 @@ compared with one process fed the same global batches.
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import bundle
+from seq2seq import bundle, translate
+from seq2seq.config import DecodeConfig, ModelConfig, TrainApp, TranslateApp
+from seq2seq.sharding import Shard, count_lines, parse_shard
 
-from .conftest import ROOT
+from .conftest import ROOT, lively_model
 
 # Two gloo processes may wait on each other at most this long (seconds), so a rank
 # that misses a decision fails the test quickly instead of hanging it.
@@ -113,3 +116,95 @@ def test_resume_under_two_processes_is_exact(tmp_path):
     assert other.returncode == 2
     [error] = [line for line in other.stderr.splitlines() if "error:" in line]
     assert "2 process(es) x train.accumulate=1" in error and "Traceback" not in other.stderr
+
+
+# -------------------------------------------------------------------- sharded translation
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tokenizer, tmp_path_factory) -> Path:
+    config = TrainApp(
+        model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
+        run_dir="x",
+    )
+    path = tmp_path_factory.mktemp("bundle") / "model"
+    return bundle.save(path, model=lively_model(tokenizer), config=config, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def source(pairs, tmp_path_factory) -> Path:
+    """Eleven lines (shards of unequal size), an empty one among them, no final newline."""
+    lines = [s for s, _ in pairs[:10]]
+    lines.insert(4, "")
+    path = tmp_path_factory.mktemp("input") / "src.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _translate(bundle_dir: Path, source: Path | None, output: Path, **options: object) -> None:
+    config = TranslateApp(
+        model=str(bundle_dir),
+        input=str(source) if source else None,
+        output=str(output),
+        decode=DecodeConfig(beam_size=3, nbest=2),
+        device="cpu",
+        **options,  # type: ignore[arg-type]
+    )
+    translate.run(config)
+
+
+def test_shard_spans_cover_every_line_once():
+    for total in (0, 1, 5, 11, 100):
+        for count in (1, 2, 3, 7):
+            spans = [Shard(k, count).span(total) for k in range(1, count + 1)]
+            assert [i for a, b in spans for i in range(a, b)] == list(range(total))
+            assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_bad_shard_is_named(text):
+    with pytest.raises(ValueError, match=r"shard=.*K/N"):
+        parse_shard(text)
+
+
+def test_count_lines_reads_as_the_translator_does(tmp_path):
+    plain = tmp_path / "a.txt"
+    plain.write_bytes(b"one\ntwo\r\n\nlast without newline")
+    packed = tmp_path / "a.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert count_lines(str(plain)) == count_lines(str(packed)) == 4
+    assert count_lines(str(plain)) == len(list(translate.read_input(str(plain))))
+
+
+def test_shards_joined_in_order_equal_one_run(bundle_dir, source, tmp_path):
+    """``shard=K/N`` outputs (n-best indices over the whole input, alignments) joined
+    with ``cat`` are byte for byte the unsharded output."""
+    _translate(bundle_dir, source, tmp_path / "all.txt", alignments=str(tmp_path / "all.json"))
+    for k in (1, 2, 3):
+        extra = {"shard": f"{k}/3", "alignments": str(tmp_path / f"al.{k}")}
+        _translate(bundle_dir, source, tmp_path / f"out.{k}", **extra)
+    for stem, whole in (("out", "all.txt"), ("al", "all.json")):
+        joined = b"".join((tmp_path / f"{stem}.{k}").read_bytes() for k in (1, 2, 3))
+        assert joined == (tmp_path / whole).read_bytes(), stem
+    assert len(set((tmp_path / "all.txt").read_text().splitlines())) > 5  # not vacuous
+    with pytest.raises(ValueError, match="stdin"):
+        _translate(bundle_dir, None, tmp_path / "x", shard="1/2")
+
+
+@pytest.mark.slow
+def test_torchrun_translation_equals_one_process(bundle_dir, source, tmp_path):
+    _translate(bundle_dir, source, tmp_path / "one.txt")
+    args = [f"model={bundle_dir}", f"input={source}", "decode.beam_size=3", "decode.nbest=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", "-m", "seq2seq.translate", *args]
+    result = subprocess.run(
+        [*command, f"output={tmp_path / 'two.txt'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "two.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt", "two.txt"], "parts removed"

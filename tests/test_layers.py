@@ -15,6 +15,7 @@ RANK = {
     "config": 0,
     "device": 0,
     "distributed": 0,
+    "sharding": 1,
     "metrics": 0,
     "builtin": 1,
     "corpus": 2,
