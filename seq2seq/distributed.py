@@ -113,6 +113,7 @@ def process_group(*, backend: str = "auto", timeout: float = 1800.0) -> Iterator
     if not world.distributed:
         yield world
         return
+    check_restartable()
     chosen = pick_backend(backend)
     if chosen == "nccl":
         torch.cuda.set_device(world.local_rank)
@@ -131,6 +132,31 @@ def process_group(*, backend: str = "auto", timeout: float = 1800.0) -> Iterator
         yield current()
     finally:
         dist.destroy_process_group()
+
+
+class RestartError(ValueError):
+    """A torchrun restart that cannot rejoin the process group."""
+
+
+def check_restartable() -> None:
+    """Fail clearly where a torchrun restart would fail obscurely.
+
+    torchrun's agent by default lends its own key-value store to the workers, and
+    on a restart (``--max-restarts``) the new workers find the dead ones' addresses
+    there and cannot connect (pytorch/pytorch#135712). With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every restart gets a fresh store.
+
+    Raises:
+        RestartError: this is a restart with the shared store.
+    """
+    env = os.environ
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        raise RestartError(
+            "torchrun restarted the job, but its shared store keeps the failed "
+            "processes' addresses; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "to resume after a restart (--max-restarts)"
+        )
 
 
 def _device() -> torch.device:

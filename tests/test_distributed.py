@@ -32,9 +32,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
-def train(tmp_path: Path, run: str, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """``seq2seq.train debug=tiny`` into ``tmp_path/run``, under torchrun when
-    ``processes`` > 1; the tokenizer cache is shared by all runs of a test."""
+def launch(tmp_path: Path, run: str, *args: str, processes: int = 1) -> subprocess.Popen:
+    """Start ``seq2seq.train debug=tiny`` into ``tmp_path/run``, under torchrun when
+    ``processes`` > 1. Each run name has its own tokenizer cache, so runs started
+    side by side never race to build one."""
     launcher = [sys.executable, "-m", "seq2seq.train"]
     if processes > 1:
         launcher = [
@@ -45,22 +46,33 @@ def train(tmp_path: Path, run: str, *args: str, processes: int = 1) -> subproces
     overrides = [
         "debug=tiny",
         f"run_dir={tmp_path / run}",
-        f"tokenizer.cache_dir={tmp_path / 'spm'}",
+        f"tokenizer.cache_dir={tmp_path / 'spm' / run}",
         "train.threads=1",
         f"train.timeout={TIMEOUT}",
         *args,
     ]
-    return subprocess.run(
+    return subprocess.Popen(
         [*launcher, *overrides],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
         env=_env(),
-        timeout=300,
     )
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def train(tmp_path: Path, run: str, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    return finish(launch(tmp_path, run, *args, processes=processes))
+
+
+def _ok(result: subprocess.CompletedProcess | subprocess.Popen) -> subprocess.CompletedProcess:
+    if isinstance(result, subprocess.Popen):
+        result = finish(result)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -80,8 +92,11 @@ def test_two_processes_equal_one_accumulating_process(tmp_path):
     batches, within float32 rounding of a different summation order (the gradient
     average over processes). Early stopping, decided on rank 0 from the broadcast
     BLEU, ends both processes at the same step (a rank that missed it would hang)."""
-    two = _ok(train(tmp_path, "two", *NO_DROPOUT, processes=2))
-    one = _ok(train(tmp_path, "one", *NO_DROPOUT, "train.accumulate=2"))
+    runs = [
+        launch(tmp_path, "two", *NO_DROPOUT, processes=2),
+        launch(tmp_path, "one", *NO_DROPOUT, "train.accumulate=2"),
+    ]
+    two, one = (_ok(run) for run in runs)
     for out in (two.stdout, one.stdout):
         assert "stopped after 12 steps" in out and "early stopping" in out, out
     assert two.stdout.count("model bundle:") == 1, "rank 0 alone reports"
@@ -103,8 +118,12 @@ def test_two_processes_equal_one_accumulating_process(tmp_path):
 def test_resume_under_two_processes_is_exact(tmp_path):
     """With dropout on, every process's random stream is checkpointed too."""
     common = ["model.dropout=0.3", "train.valid_every=5", "train.patience=0"]
-    _ok(train(tmp_path, "straight", *common, "train.max_steps=15", processes=2))
-    _ok(train(tmp_path, "resumed", *common, "train.max_steps=10", processes=2))
+    runs = [
+        launch(tmp_path, "straight", *common, "train.max_steps=15", processes=2),
+        launch(tmp_path, "resumed", *common, "train.max_steps=10", processes=2),
+    ]
+    for run in runs:
+        _ok(run)
     again = _ok(train(tmp_path, "resumed", *common, "train.max_steps=15", processes=2))
     assert "stopped after 15 steps" in again.stdout
     a, b = _weights(tmp_path / "straight/last"), _weights(tmp_path / "resumed/last")
