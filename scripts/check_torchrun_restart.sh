@@ -30,5 +30,5 @@ from seq2seq import bundle
 
 killed, straight = (bundle.load(f"{d}/last").model.state_dict() for d in ("killed", "straight"))
 print("same weights as the uninterrupted run:", all(torch.equal(killed[k], straight[k]) for k in killed))
-print("restarts:", open("killed.err").read().count("resumed from"))
+print("resumed after a restart:", open("killed/train.log").read().count("resumed from"), "time(s)")
 PY

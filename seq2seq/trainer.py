@@ -495,7 +495,7 @@ class Trainer:
             return
         if state is None:
             return
-        self._check_world(state, last)
+        _check_world(state, last, world=self.world.size, accumulate=self.config.train.accumulate)
         load_model(
             self.model, str(bundle_io.resolve(last) / bundle_io.WEIGHTS), device=str(self.device)
         )
@@ -511,7 +511,8 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.world.rank:
-            self._restore_rank_rng(state)
+            seed = self.config.train.seed + 7919 * self.step + self.world.rank
+            _restore_rank_rng(state, self.world.rank, self.device, seed)
         self.records = [r for r in bundle_io.load_metrics(self.run_dir) if r["step"] <= self.step]
         if self.world.is_main:
             bundle_io.atomic_write_bytes(
@@ -520,39 +521,40 @@ class Trainer:
             )
         logger.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)
 
-    def _check_world(self, state: dict[str, Any], last: Path) -> None:
-        """Resume needs the same batches per optimiser step (world size x
-        ``train.accumulate``); with the same world size it is exact, with another
-        one only dropout's random stream differs."""
-        world, accumulate = int(state.get("world_size", 1)), int(state.get("accumulate", 1))
-        now = self.world.size, self.config.train.accumulate
-        if world * accumulate != now[0] * now[1]:
-            raise ValueError(
-                f"{last} was trained with {world} process(es) x train.accumulate={accumulate}"
-                f" = {world * accumulate} batches per step; this run has {now[0]} x"
-                f" {now[1]}: set train.accumulate so the product is the same,"
-                " or start a new run_dir (or pass train.resume=false)"
-            )
-        if world != now[0]:
-            logger.warning(
-                "resuming a %d-process run with %d processes: same batches per step, "
-                "but other dropout masks than an uninterrupted run",
-                world,
-                now[0],
-            )
 
-    def _restore_rank_rng(self, state: dict[str, Any]) -> None:
-        """This process's RNG states from the checkpoint (a seed derived from the
-        step when the checkpoint was written by fewer processes)."""
-        saved = state.get("rank_rng", [])
-        if self.world.rank > len(saved):
-            torch.manual_seed(self.config.train.seed + 7919 * self.step + self.world.rank)
-            return
-        mine = saved[self.world.rank - 1]
-        torch.set_rng_state(mine["torch"])
-        random.setstate(mine["python"])
-        if "cuda" in mine and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+def _check_world(state: dict[str, Any], last: Path, *, world: int, accumulate: int) -> None:
+    """Resume needs the same batches per optimiser step (world size x
+    ``train.accumulate``); with the same world size it is exact, with another one
+    only dropout's random stream differs."""
+    then, then_accumulate = int(state.get("world_size", 1)), int(state.get("accumulate", 1))
+    if then * then_accumulate != world * accumulate:
+        raise ValueError(
+            f"{last} was trained with {then} process(es) x train.accumulate={then_accumulate}"
+            f" = {then * then_accumulate} batches per step; this run has {world} x"
+            f" {accumulate}: set train.accumulate so the product is the same,"
+            " or start a new run_dir (or pass train.resume=false)"
+        )
+    if then != world:
+        logger.warning(
+            "resuming a %d-process run with %d processes: same batches per step, "
+            "but other dropout masks than an uninterrupted run",
+            then,
+            world,
+        )
+
+
+def _restore_rank_rng(state: dict[str, Any], rank: int, device: torch.device, seed: int) -> None:
+    """Process ``rank``'s (> 0) RNG states from the checkpoint, or ``seed`` when the
+    checkpoint was written by fewer processes."""
+    saved = state.get("rank_rng", [])
+    if rank > len(saved):
+        torch.manual_seed(seed)
+        return
+    mine = saved[rank - 1]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if "cuda" in mine and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import torch
 
 from seq2seq import bundle, translate
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp, TranslateApp
-from seq2seq.sharding import Shard, count_lines, parse_shard
+from seq2seq.distributed import World
+from seq2seq.sharding import Shard, count_lines, parse_shard, plan
 
 from .conftest import ROOT, lively_model
 
@@ -193,6 +194,25 @@ def test_count_lines_reads_as_the_translator_does(tmp_path):
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert count_lines(str(plain)) == count_lines(str(packed)) == 4
     assert count_lines(str(plain)) == len(list(translate.read_input(str(plain))))
+
+
+def test_plan_under_torchrun_gives_each_rank_its_range(source, tmp_path):
+    out = str(tmp_path / "out.txt")
+    second = plan(
+        None,
+        World(rank=1, size=2, local_rank=1, local_size=2),
+        input=str(source),
+        output=out,
+        alignments=None,
+    )
+    assert (second.start, second.stop) == (5, 11)
+    assert second.output == out + ".part-00002-of-00002" and second.alignments is None
+    with pytest.raises(ValueError, match="output=FILE"):
+        plan(None, World(size=2), input=str(source), output=None, alignments=None)
+    with pytest.raises(ValueError, match=r"shard=1/2 .* without torchrun"):
+        plan("1/2", World(size=2), input=str(source), output=out, alignments=None)
+    alone = plan(None, World(), input=None, output=None, alignments=None)
+    assert (alone.start, alone.stop, alone.output) == (0, None, None)
 
 
 def test_shards_joined_in_order_equal_one_run(bundle_dir, source, tmp_path):
