@@ -1,8 +1,8 @@
 """Processes against threads on one machine: training and translation under torchrun.
 
 Training: ``torchrun --nproc-per-node=P`` (one intra-op thread per process) against
-one process with P threads and ``train.accumulate=P``, so both see the same global
-batches and take the same optimiser steps; the figure is training target tokens/s
+one process with P threads (and with one) and ``train.accumulate=P``, so all see the
+same global batches and take the same optimiser steps; the figure is training target tokens/s
 (from ``metrics.jsonl``, summed over processes, first logging window dropped).
 
 Translation: ``torchrun --nproc-per-node=P -m seq2seq.translate`` against one
@@ -74,6 +74,11 @@ def train(args: argparse.Namespace, scratch: Path, env: dict[str, str]) -> None:
         f"1 process x {p} threads, accumulate={p}": [
             *(sys.executable, "-m", "seq2seq.train"),
             f"train.threads={p}",
+            f"train.accumulate={p}",
+        ],
+        f"1 process x 1 thread, accumulate={p}": [
+            *(sys.executable, "-m", "seq2seq.train"),
+            "train.threads=1",
             f"train.accumulate={p}",
         ],
     }

@@ -219,7 +219,7 @@ class TrainingConfig:
     log_every: int = 50
     seed: int = 1234
     device: str = "auto"
-    threads: int = 0
+    threads: int = 0  # 0: torch's default; under torchrun, the machine's cores / its processes
     precision: Precision = Precision.auto
     resume: bool = True
     ensemble: int = 1
