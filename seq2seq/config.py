@@ -66,6 +66,12 @@ class Precision(Choice):
     bf16 = "bf16"
 
 
+class Backend(Choice):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
 class Errors(Choice):
     strict = "strict"
     replace = "replace"
@@ -225,10 +231,17 @@ class TrainingConfig:
     log_every: int = 50
     seed: int = 1234
     device: str = "auto"
-    threads: int = 0
+    threads: int = 0  # 0: torch's default; under torchrun, the machine's cores / its processes
     precision: Precision = Precision.auto
     resume: bool = True
     ensemble: int = 1
+    # Batches per optimiser step in each process; the update is normalised by all
+    # their target tokens, so N processes under torchrun equal one with accumulate=N.
+    accumulate: int = 1
+    # Under torchrun: gloo on CPU, NCCL on CUDA for auto; how long (seconds) the
+    # other processes wait for rank 0 (validation, checkpoints) before failing.
+    backend: Backend = Backend.auto
+    timeout: float = 1800.0
 
 
 # ---------------------------------------------------------------------------- search
@@ -282,6 +295,9 @@ class TranslateApp:
     errors: Errors = Errors.strict
     device: str = "auto"
     threads: int = 0
+    # "K/N": translate only the K-th of N contiguous line ranges (1 <= K <= N), for
+    # schedulers without torchrun; the N outputs concatenated in order equal one run's.
+    shard: str | None = None
 
 
 @dataclass

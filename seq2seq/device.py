@@ -5,10 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
+def pick_device(name: str = "auto", *, local_rank: int = 0) -> torch.device:
+    """``auto`` means CUDA when present, else CPU.
+
+    Under torchrun each process of a machine takes its own GPU: ``auto`` and a bare
+    ``cuda`` mean ``cuda:LOCAL_RANK`` there (``local_rank``); ``cuda:N`` is taken as given.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r}; choose one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():

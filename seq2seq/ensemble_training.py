@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from seq2seq import bundle as bundle_io
+from seq2seq import distributed
 from seq2seq.config import TrainApp, TrainingConfig
 from seq2seq.corpus import load_corpus
 from seq2seq.device import pick_device
@@ -28,7 +29,14 @@ def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) ->
     """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`)."""
     if config.train.ensemble > 1:
         return fit_ensemble(config, run_dir=run_dir, reporter=reporter)
-    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter).fit()
+    return _trainer(config, run_dir=run_dir, reporter=reporter).fit()
+
+
+def _trainer(config: TrainApp, *, run_dir: Path, reporter: Reporter | None) -> Trainer:
+    """`Trainer.from_config`, under torchrun on rank 0 first: it builds the caches
+    (tokenizer, token data) the other processes then load."""
+    with distributed.main_first(distributed.current()):
+        return Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
 
 
 def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
@@ -58,8 +66,11 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
             logger.info("ensemble member %d already trained (%s)", k, done)
             results.append(_read_fit_result(done))
             continue
-        results.append(Trainer.from_config(member, run_dir=member_dir, reporter=reporter).fit())
-        bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
+        results.append(_trainer(member, run_dir=member_dir, reporter=reporter).fit())
+        if distributed.current().is_main:
+            bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
+    if not distributed.current().is_main:  # the ensemble bundle is rank 0's to write
+        return replace(results[-1], best=Path(run_dir) / "best")
     best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
     device = pick_device(t.device)
     loaded = bundle_io.load(best, device=device)

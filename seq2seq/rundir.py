@@ -276,7 +276,7 @@ class Run:
 
     run_dir: Path
     config: TrainApp
-    lock: RunLock
+    lock: RunLock | None  # None: a follower (torchrun rank > 0), which never writes
     checkpoint: Path | None
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -315,19 +315,26 @@ class Run:
             "data_key": data_key,
             "tokenizer_sha256": tok,
         }
-        write_manifest(self.run_dir, self.manifest)
+        if self.lock is not None:
+            write_manifest(self.run_dir, self.manifest)
 
     def mark(self, state: str, reason: str = "") -> None:
         """Record ``running`` or ``finished`` (with the stop reason) in the manifest."""
         self.manifest.update(state=state, stop_reason=reason)
-        write_manifest(self.run_dir, self.manifest)
+        if self.lock is not None:
+            write_manifest(self.run_dir, self.manifest)
 
     def close(self) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def open_run(config: TrainApp, run_dir: Path) -> Run:
+def open_run(config: TrainApp, run_dir: Path, *, follower: bool = False) -> Run:
     """Lock ``run_dir``, recover its newest checkpoint and decide resume or fresh start.
+
+    A ``follower`` (a torchrun process other than rank 0, which opened the run
+    first) takes no lock and changes nothing: it resumes from the ``last/`` that
+    rank 0 recovered, or starts afresh with it.
 
     Raises:
         RunLockedError: another process trains here.
@@ -335,6 +342,10 @@ def open_run(config: TrainApp, run_dir: Path) -> Run:
             the directory holds earlier work but no checkpoint to resume from.
     """
     run_dir = Path(run_dir)
+    if follower:
+        last = run_dir / "last"
+        resumable = config.train.resume and _checkpoint_step(last) is not None
+        return Run(run_dir, config, None, last if resumable else None, read_manifest(run_dir) or {})
     lock = RunLock(run_dir)
     try:
         checkpoint = recover(run_dir)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from seq2seq import distributed
 from seq2seq.allocator import retain_freed_memory
 from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TrainApp, conf_dir
@@ -59,13 +60,32 @@ class ProgressBar:
             )
 
 
+def _same_run_dir(run_dir: str) -> str:
+    """Rank 0's run directory on every process: the default one is named by the
+    start time, which processes started a second apart would see differently."""
+    chosen = distributed.broadcast(run_dir)
+    if chosen != run_dir:
+        logger.warning(
+            "run_dir %s differs from rank 0's; using %s (pass run_dir=)", run_dir, chosen
+        )
+    return chosen
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _app(cfg: DictConfig) -> None:
     with expected_errors(), closing(ProgressBar()) as bar:
         config = to_app(cfg, TrainApp)
         retain_freed_memory()
-        with logging_redirect_tqdm():  # log lines print above the bar, not through it
-            result = fit(config, run_dir=Path(config.run_dir), reporter=bar)
+        t = config.train
+        with distributed.process_group(backend=str(t.backend), timeout=t.timeout) as world:
+            config.run_dir = _same_run_dir(config.run_dir)
+            if not world.is_main:  # one copy of the progress messages, rank 0's
+                logging.getLogger("seq2seq").setLevel(logging.WARNING)
+            with logging_redirect_tqdm():  # log lines print above the bar, not through it
+                reporter = bar if world.is_main else None
+                result = fit(config, run_dir=Path(config.run_dir), reporter=reporter)
+    if not world.is_main:
+        return
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")
     print(f"best validation BLEU: {result.best_bleu:.2f}")
     print(f"model bundle: {result.best}")

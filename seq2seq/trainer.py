@@ -4,6 +4,14 @@ Why resume is exact: batches come from ``(seed, epoch)`` alone and the trainer
 state holds the epoch and the position inside it, the optimiser, the
 scheduler and every RNG state. A run stopped after N steps and resumed
 reaches the same weights as one that never stopped.
+
+Under torchrun every process builds the same seeded epoch; a step takes the
+next ``world size x train.accumulate`` batches and process ``r`` takes every
+``world size``-th of them from ``r``. The loss is divided by the target tokens
+of the whole step (summed over processes), so the averaged gradient equals one
+process's over all those batches. Rank 0 alone validates and writes; what it
+measures (validation metrics, elapsed time) is broadcast, so every process takes
+the same decisions (best, learning rate, early stop, time budget).
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_model
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from seq2seq import bundle as bundle_io
-from seq2seq import rundir, snapshots
+from seq2seq import distributed, rundir, snapshots
 from seq2seq.batching import Batch, Pair, collate, encode_pairs, token_batches
 from seq2seq.config import OptimConfig, TrainApp
 from seq2seq.corpus import load_split
@@ -59,6 +68,20 @@ class FitResult:
     steps: int
     elapsed: float
     stop_reason: str
+
+
+class TrainLoss(nn.Module):
+    """``Seq2Seq.loss`` as a module's ``forward``: DistributedDataParallel hooks only
+    ``forward``, so the loss must be reached through one to synchronise gradients."""
+
+    def __init__(self, model: Seq2Seq) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor, smoothing: float
+    ) -> tuple[Tensor, int]:
+        return self.model.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=smoothing)
 
 
 def build_optimizer(model: Seq2Seq, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -145,19 +168,30 @@ class Trainer:
         self.elapsed = 0.0
         self.records: list[dict[str, Any]] = []
         self.run: rundir.Run | None = None  # the locked run directory (from_config opens it)
+        self.world = distributed.current()
+        self.ddp: DistributedDataParallel | None = None  # built at the first step
+        if self.world.rank:  # each process its own dropout masks; rank 0 keeps the seed's
+            torch.manual_seed(t.seed + self.world.rank)
 
     @classmethod
     def from_config(
         cls, config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None
     ) -> Trainer:
         """Lock the run directory, then build the trainer (see `_build`); the lock is
-        held until `fit` ends, so a second training stops before loading anything."""
-        run = rundir.open_run(config, Path(run_dir))
-        try:
-            trainer = cls._build(config, run=run, run_dir=run_dir, reporter=reporter)
-        except BaseException:
-            run.close()
-            raise
+        held until `fit` ends, so a second training stops before loading anything.
+
+        Under torchrun rank 0 goes first: it takes the lock, recovers the checkpoint
+        and builds the caches; the other processes then follow its run directory
+        and load what it built.
+        """
+        world = distributed.current()
+        with distributed.main_first(world):
+            run = rundir.open_run(config, Path(run_dir), follower=not world.is_main)
+            try:
+                trainer = cls._build(config, run=run, run_dir=run_dir, reporter=reporter)
+            except BaseException:
+                run.close()
+                raise
         trainer.run = run
         return trainer
 
@@ -197,7 +231,7 @@ class Trainer:
             valid_src=list(valid["src"]),
             valid_ref=list(valid["tgt"]),
             run_dir=run_dir,
-            device=pick_device(t.device),
+            device=pick_device(t.device, local_rank=distributed.current().local_rank),
             reporter=reporter,
         )
 
@@ -226,17 +260,22 @@ class Trainer:
         run.mark("running")
         start = time.monotonic() - self.elapsed
         window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
+        per_step = self.world.size * t.accumulate  # batches per optimiser step, all processes
         while not reason:
             batches = token_batches(
                 self.lengths, max_tokens=t.max_tokens, seed=t.seed, epoch=self.epoch
             )
             while self.position < len(batches) and not reason:
-                batch = self.train_data.batch(batches[self.position])
-                loss, tokens = self._train_step(batch.to(self.device))
-                self.position += 1
+                step_batches = batches[self.position : self.position + per_step]
+                mine = step_batches[self.world.rank :: self.world.size]
+                loss, tokens = self._train_step(
+                    [self.train_data.batch(idx) for idx in mine or step_batches[:1]],
+                    weight=1.0 if mine else 0.0,
+                )
+                self.position += len(step_batches)
                 self.step += 1
                 window_loss, window_tokens = window_loss + loss, window_tokens + tokens
-                self.elapsed = time.monotonic() - start
+                self.elapsed = distributed.broadcast(time.monotonic() - start)
                 if self.reporter:
                     rate = window_tokens / max(1e-9, time.monotonic() - window_start)
                     self.reporter.on_step(self.step, loss / max(1, tokens), rate)
@@ -253,7 +292,9 @@ class Trainer:
                 reason = reason or self._budget_exhausted(len(batches))
         if self.step % t.valid_every != 0 and not self._validated_at_this_step():
             self._validate_and_checkpoint(regular=False)
-        self._average_snapshots()
+        if self.world.is_main:
+            self._average_snapshots()
+        distributed.barrier()  # no process ends before rank 0 has written the bundles
         run.mark("finished", reason)
         logger.info("training stopped at step %d: %s", self.step, reason)
         return self._result(reason)
@@ -305,26 +346,55 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
 
-    def _train_step(self, batch: Batch) -> tuple[float, int]:
+    def _train_step(self, batches: list[Batch], *, weight: float = 1.0) -> tuple[float, int]:
+        """One optimiser step over this process's batches of the step; returns their
+        summed loss and target tokens.
+
+        Each batch's summed loss is divided by the target tokens of the whole step
+        (all batches, all processes) and multiplied by the world size, which
+        DistributedDataParallel's gradient average divides out again. ``weight=0``
+        marks a stand-in batch for a process with no share of an epoch's last step:
+        every process must run backward, and a zero weight adds nothing.
+        """
         t = self.config.train
         self.model.train()
-        tgt_in = batch.tgt_in if t.teacher_forcing >= 1.0 else self._sampled_inputs(batch)
-        with self._autocast():  # the loss's softmax runs in float32 all the same
-            loss, tokens = self.model.loss(
-                batch.src,
-                batch.src_lengths,
-                tgt_in,
-                batch.tgt_out,
-                label_smoothing=t.label_smoothing,
-            )
-        (loss / tokens).backward()
+        mine = sum(b.n_tokens for b in batches) if weight else 0
+        [total] = distributed.all_reduce_sum([float(mine)])
+        scale = weight * self.world.size
+        summed = 0.0
+        for k, cpu_batch in enumerate(batches):
+            batch = cpu_batch.to(self.device)
+            tgt_in = batch.tgt_in if t.teacher_forcing >= 1.0 else self._sampled_inputs(batch)
+            with self._gradient_sync(k == len(batches) - 1), self._autocast():
+                # the loss's softmax runs in float32 all the same
+                loss, _ = self._loss(batch.src, batch.src_lengths, tgt_in, batch.tgt_out)
+                (loss * scale / int(total)).backward()
+            summed += float(loss.detach())
         if t.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             self.scheduler.step()
-        return float(loss.detach()), tokens
+        return summed * weight, mine
+
+    def _loss(
+        self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, tgt_out: Tensor
+    ) -> tuple[Tensor, int]:
+        """The summed training loss and target tokens, through DDP under torchrun."""
+        smoothing = self.config.train.label_smoothing
+        if not self.world.distributed:
+            return self.model.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=smoothing)
+        if self.ddp is None:  # here, not in __init__: its construction is a collective
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(TrainLoss(self.model), device_ids=ids)
+        return self.ddp(src, src_lengths, tgt_in, tgt_out, smoothing)
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Gradients are averaged over processes on a step's last backward only."""
+        if sync or self.ddp is None:
+            return nullcontext()
+        return self.ddp.no_sync()
 
     def _sampled_inputs(self, batch: Batch) -> Tensor:
         """Scheduled sampling, in parallel (Mihaylova & Martins, 2019).
@@ -353,8 +423,9 @@ class Trainer:
     def _validate_and_checkpoint(self, *, regular: bool) -> str:
         """Validate, keep best and last; only regular validations drive the
         scheduler and patience (the extra one at the end must not change what
-        a resumed run would do)."""
-        metrics = self.validate()
+        a resumed run would do). Rank 0 validates and every process takes its
+        results, so all make the same decisions; only rank 0 writes."""
+        metrics = distributed.broadcast(self.validate() if self.world.is_main else {})
         improved = metrics["bleu"] > self.best_bleu
         if improved:
             self.best_bleu = metrics["bleu"]
@@ -363,13 +434,15 @@ class Trainer:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(metrics["bleu"])
         self._record({"kind": "valid", **metrics, "best_bleu": self.best_bleu})
-        if improved and metrics["bleu"] > self.keep_best_above:
-            self._save(self.run_dir / "best", with_state=False)
-        if regular and self.config.train.average_last > 1:
-            snapshots.take_snapshot(
-                self.model, self.run_dir, self.step, keep=self.config.train.average_last
-            )
-        self._save(self.run_dir / "last", with_state=True)
+        rngs = distributed.all_gather(_rng_state(self.device))
+        if self.world.is_main:
+            if improved and metrics["bleu"] > self.keep_best_above:
+                self._save(self.run_dir / "best", with_state=False)
+            if regular and self.config.train.average_last > 1:
+                snapshots.take_snapshot(
+                    self.model, self.run_dir, self.step, keep=self.config.train.average_last
+                )
+            self._save(self.run_dir / "last", with_state=True, rngs=rngs)
         patience = self.config.train.patience
         if regular and patience and self.bad_validations >= patience:
             return f"early stopping: no BLEU gain in {patience} validations"
@@ -410,12 +483,15 @@ class Trainer:
         return ""
 
     def _log_train(self, loss: float, tokens: int, seconds: float) -> None:
+        """Loss and target tokens/s of the window, summed over all processes."""
+        loss, tokens_sum = distributed.all_reduce_sum([loss, float(tokens)])
         self._record(
             {
                 "kind": "train",
-                "loss": loss / max(1, tokens),
-                "tokens_per_s": tokens / max(1e-9, seconds),
+                "loss": loss / max(1.0, tokens_sum),
+                "tokens_per_s": tokens_sum / max(1e-9, seconds),
                 "lr": self.optimizer.param_groups[0]["lr"],
+                "world_size": self.world.size,
             }
         )
 
@@ -423,21 +499,24 @@ class Trainer:
         record = {"step": self.step, "epoch": self.epoch, "elapsed": round(self.elapsed, 2)}
         record.update(fields)
         self.records.append(record)
-        append_record(self.run_dir, record, self.reporter)
+        if self.world.is_main:
+            append_record(self.run_dir, record, self.reporter)
 
     # ------------------------------------------------------------- checkpoints
 
-    def _save(self, path: Path, *, with_state: bool) -> None:
+    def _save(self, path: Path, *, with_state: bool, rngs: list[Any] | None = None) -> None:
         bundle_io.save(
             path,
             model=self.model,
             config=self.config,
             tokenizer=self.tokenizer,
             metrics=self.records,
-            trainer_state=self._state() if with_state else None,
+            trainer_state=self._state(rngs or []) if with_state else None,
         )
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything resume needs; ``rngs`` holds every process's RNG states, the
+        other processes' are kept beside rank 0's (``rank_rng``)."""
         state: dict[str, Any] = {
             "step": self.step,
             "epoch": self.epoch,
@@ -453,6 +532,10 @@ class Trainer:
             state["scheduler"] = self.scheduler.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        state["world_size"] = self.world.size
+        state["accumulate"] = self.config.train.accumulate
+        if len(rngs) > 1:
+            state["rank_rng"] = rngs[1:]
         return state
 
     def _maybe_resume(self, last: Path | None) -> None:
@@ -463,6 +546,7 @@ class Trainer:
         state = bundle_io.load_trainer_state(last) if last is not None else None
         if last is None or state is None:
             return
+        _check_world(state, last, world=self.world.size, accumulate=self.config.train.accumulate)
         load_model(self.model, str(last / bundle_io.WEIGHTS), device=str(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         saved = bundle_io.load_config(last).optim
@@ -480,12 +564,59 @@ class Trainer:
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.world.rank:
+            seed = self.config.train.seed + 7919 * self.step + self.world.rank
+            _restore_rank_rng(state, self.world.rank, self.device, seed)
         self.records = rundir.records_until(self.run_dir, last, self.step)
-        bundle_io.atomic_write_bytes(
-            self.run_dir / bundle_io.METRICS,
-            "".join(json.dumps(r) + "\n" for r in self.records).encode(),
-        )
+        if self.world.is_main:
+            bundle_io.atomic_write_bytes(
+                self.run_dir / bundle_io.METRICS,
+                "".join(json.dumps(r) + "\n" for r in self.records).encode(),
+            )
         logger.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)
+
+
+def _check_world(state: dict[str, Any], last: Path, *, world: int, accumulate: int) -> None:
+    """Resume needs the same batches per optimiser step (world size x
+    ``train.accumulate``); with the same world size it is exact, with another one
+    only dropout's random stream differs."""
+    then, then_accumulate = int(state.get("world_size", 1)), int(state.get("accumulate", 1))
+    if then * then_accumulate != world * accumulate:
+        raise ValueError(
+            f"{last} was trained with {then} process(es) x train.accumulate={then_accumulate}"
+            f" = {then * then_accumulate} batches per step; this run has {world} x"
+            f" {accumulate}: set train.accumulate so the product is the same,"
+            " or start a new run_dir (or pass train.resume=false)"
+        )
+    if then != world:
+        logger.warning(
+            "resuming a %d-process run with %d processes: same batches per step, "
+            "but other dropout masks than an uninterrupted run",
+            then,
+            world,
+        )
+
+
+def _restore_rank_rng(state: dict[str, Any], rank: int, device: torch.device, seed: int) -> None:
+    """Process ``rank``'s (> 0) RNG states from the checkpoint, or ``seed`` when the
+    checkpoint was written by fewer processes."""
+    saved = state.get("rank_rng", [])
+    if rank > len(saved):
+        torch.manual_seed(seed)
+        return
+    mine = saved[rank - 1]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if "cuda" in mine and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states (what dropout and scheduled sampling draw from)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def append_record(run_dir: Path, record: dict[str, Any], reporter: Reporter | None) -> None:

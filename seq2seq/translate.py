@@ -41,6 +41,13 @@ A progress bar (sentences/s) and log messages go to stderr; nothing is written
 into the current directory. ``output`` and ``alignments`` must not be the input or
 a file of the bundle (refused before anything is read), and appear only when the
 run succeeds: a failed run leaves an existing file as it was.
+
+Several processes: ``torchrun --standalone --nproc-per-node=N -m seq2seq.translate
+model=... input=FILE output=FILE`` splits the input into N contiguous line ranges,
+each process translates one into a part file, and rank 0 joins the parts: the
+output is byte for byte the single-process one. ``shard=K/N`` (no torchrun)
+translates only the K-th range, for job arrays; join the N outputs in order
+(``cat out.1 ... out.N > out``). See `seq2seq.sharding`.
 """
 
 from __future__ import annotations
@@ -61,9 +68,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from seq2seq import plotting
+from seq2seq import distributed, plotting, sharding
 from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TranslateApp, conf_dir
+from seq2seq.device import pick_device
 from seq2seq.safe_output import check_outputs, files_under, replace_on_success
 from seq2seq.translator import TextHypothesis, Translator
 
@@ -71,6 +79,9 @@ register_configs()
 logger = logging.getLogger("seq2seq.translate")
 
 EMPTY_SCORE = 0.0  # printed for an untranslated empty input line
+# Under torchrun, how long (seconds) rank 0 waits at the end for the slowest
+# process's share before joining the parts: as long as translating a share may take.
+SHARD_WAIT = 7 * 24 * 3600.0
 
 
 class InputError(ValueError):
@@ -219,29 +230,46 @@ def run(config: TranslateApp) -> int:
         {"output": config.output, "alignments": config.alignments},
         {"input": config.input, **files_under(config.model)},
     )
-    translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
-    lines = read_input(config.input, errors=str(config.errors))
+    world = distributed.current()
+    share = sharding.plan(
+        config.shard,
+        world,
+        input=config.input,
+        output=config.output,
+        alignments=config.alignments,
+    )
+    device = str(pick_device(config.device, local_rank=world.local_rank))
+    translator = Translator.from_bundle(config.model, decode=config.decode, device=device)
+    lines = share.select(read_input(config.input, errors=str(config.errors)))
     attention = bool(config.alignments or config.attention_plot)
     start, count = time.perf_counter(), 0
     with ExitStack() as stack:
         sinks = Sinks(
-            out=stack.enter_context(_open_output(config.output)),
+            out=stack.enter_context(_open_output(share.output)),
             nbest=config.decode.nbest,
             scores=config.scores,
-            alignments=stack.enter_context(_open_output(config.alignments))
-            if config.alignments
+            alignments=stack.enter_context(_open_output(share.alignments))
+            if share.alignments
             else None,
             plot_dir=Path(config.attention_plot).expanduser() if config.attention_plot else None,
         )
         bar = stack.enter_context(
-            tqdm(desc="translate", unit="sent", file=sys.stderr, delay=1.0, dynamic_ncols=True)
+            tqdm(
+                desc="translate",
+                unit="sent",
+                file=sys.stderr,
+                delay=1.0,
+                dynamic_ncols=True,
+                disable=not world.is_main,
+            )
         )
         stream = translator.translate_stream(
             lines, chunk_size=config.chunk_size, attention=attention
         )
         for count, hyps in enumerate(stream, start=1):
-            sinks.write(count - 1, hyps)
+            sinks.write(share.start + count - 1, hyps)
             bar.update()
+    sharding.join_parts(share, output=config.output, alignments=config.alignments)
     elapsed = time.perf_counter() - start
     logger.info("translated %d lines in %.1fs (%.1f lines/s)", count, elapsed, count / elapsed)
     return count
@@ -250,7 +278,9 @@ def run(config: TranslateApp) -> int:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="translate")
 def _app(cfg: DictConfig) -> None:
     with expected_errors():
-        run(to_app(cfg, TranslateApp, required={"model": "BUNDLE"}))
+        config = to_app(cfg, TranslateApp, required={"model": "BUNDLE"})
+        with distributed.process_group(backend="gloo", timeout=SHARD_WAIT):
+            run(config)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ RANK = {
     "allocator": 0,
     "config": 0,
     "device": 0,
+    "distributed": 0,
+    "sharding": 1,
     "metrics": 0,
     "safe_output": 0,
     "builtin": 1,
