@@ -68,7 +68,7 @@ class Precision(Choice):
 
 class Errors(Choice):
     strict = "strict"
-    replace = "replace"
+    replace = "replace"  # type: ignore[assignment]  # the member shadows str.replace
 
 
 def conf_dir() -> str:

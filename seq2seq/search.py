@@ -1,8 +1,14 @@
 """Batched greedy and beam search over any model that satisfies `Searchable`.
 
-Search never imports the model: it sees three calls (`encode`, `init_state`, `decode_step`)
-and objects that can pick their batch rows with ``select(index)`` — fairseq's
+Search never imports the model: it sees three calls (`encode`, `init_state`, `step`) and
+objects that can pick their batch rows with ``select(index)`` — fairseq's
 ``reorder_incremental_state`` idea, but returning a new object instead of mutating one.
+
+A step's scores come in two levels (`TokenScores`): a head ranked for every row and a tail
+that a two-level softmax scores only on demand. Search owns the rules: which rows need
+their tail (`_tail_rows`: only those where a tail token could reach what search reads),
+and EOS forced at a sentence's budget (`_force_eos`). A model that scores every token
+wraps its logits in `LogProbs` and has no tail.
 
 Both searches keep the whole batch in tensors and never loop over sentences or hypotheses
 inside the step loop. A sentence's output never depends on its batch: its maximum length,
@@ -39,16 +45,17 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from seq2seq.softmax import top_of
-
 __all__ = [
     "Hypothesis",
+    "LogProbs",
     "Searchable",
     "Selectable",
+    "TokenScores",
     "beam_search",
     "greedy",
     "length_penalty",
     "max_lengths",
+    "next_tokens",
 ]
 
 NEG_INF = -math.inf
@@ -63,12 +70,43 @@ class Selectable(Protocol):
         ...
 
 
-class Searchable(Protocol):
-    """What search needs from a model; `seq2seq.model.Seq2Seq` satisfies it.
+class TokenScores(Protocol):
+    """One step's next-token log-probs for N rows, scored in two levels.
 
-    A model may also offer ``top_step`` (see `_row_top`), which returns only each
-    row's best next tokens; search then never asks for the full scores.
+    The head, ids ``0 .. head_size - 1``, is ranked for every row; the tail, the other
+    ids, only for the rows search asks for, and ``tail_bound`` caps every tail token's
+    log-prob so that search can tell which rows those are (`_tail_rows`). A one-level
+    distribution has ``head_size = V`` and no tail bound.
     """
+
+    head_size: int
+
+    def head(self, width: int, /) -> tuple[Tensor, Tensor]:
+        """Each row's ``width`` best head tokens (fewer if the head is smaller), best
+        first: float32 log-probs and long ids, (N, width), fresh tensors."""
+        ...
+
+    def log_prob(self, token: int, /) -> Tensor:
+        """(N,) float32 log-prob of ``token`` in every row."""
+        ...
+
+    def tail_bound(self) -> Tensor | None:
+        """(N,) no tail token of a row has a higher log-prob; None without a tail."""
+        ...
+
+    def tail(self, rows: Tensor, width: int, /) -> tuple[Tensor, Tensor]:
+        """The ``width`` best tail tokens of ``rows`` ((R,) long), best first:
+        float32 log-probs and long ids, (R, width) or fewer columns."""
+        ...
+
+    def log_probs(self) -> Tensor:
+        """(N, V) float32 log-prob of every token in every row."""
+        ...
+
+
+class Searchable(Protocol):
+    """What search needs from a model (``seq2seq.inference.Inference`` for a trained
+    `Seq2Seq`, ``seq2seq.ensemble.EnsembleInference`` for several)."""
 
     def encode(self, src: Tensor, src_lengths: Tensor, /) -> Selectable:
         """Encode ``src`` (B, S) long with ``src_lengths`` (B,) long."""
@@ -78,16 +116,39 @@ class Searchable(Protocol):
         """First decoder state for the encoder output ``enc``."""
         ...
 
-    def decode_step(
-        self, prev_tokens: Tensor, state: Any, enc: Any, /
-    ) -> tuple[Tensor, Selectable, Tensor]:
-        """One step from ``prev_tokens`` (N,): logits (N, V), new state, attention (N, S).
-
-        Logits, not log-probs: search normalises only the few scores it keeps (a
-        log-sum-exp per row), instead of writing a full (N, V) log-softmax every step.
-        Log-probs are valid logits too, so a model may return either.
-        """
+    def step(self, prev_tokens: Tensor, state: Any, enc: Any, /) -> tuple[TokenScores, Any, Tensor]:
+        """One step from ``prev_tokens`` (N,): the next-token scores, the new state
+        (a `Selectable`), attention (N, S)."""
         ...
+
+
+class LogProbs:
+    """`TokenScores` of a one-level distribution given as (N, V) logits or log-probs:
+    for models that score every token (ensembles, test models).
+
+    Normalised here in one fused pass, so a model may return either.
+    """
+
+    def __init__(self, logits: Tensor) -> None:
+        self.table = torch.log_softmax(logits.float(), dim=-1)
+        self.head_size = self.table.size(-1)
+
+    def head(self, width: int) -> tuple[Tensor, Tensor]:
+        best, ids = self.table.topk(min(width, self.head_size), dim=-1)
+        return best, ids
+
+    def log_prob(self, token: int) -> Tensor:
+        return self.table[:, token]
+
+    def tail_bound(self) -> None:
+        return None
+
+    def tail(self, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        empty = self.table.new_empty(rows.numel(), 0)
+        return empty, torch.empty_like(empty, dtype=torch.long)
+
+    def log_probs(self) -> Tensor:
+        return self.table
 
 
 @dataclass
@@ -146,43 +207,90 @@ def _worth_compacting(live: int, rows: int) -> bool:
     return live <= 0.75 * rows
 
 
-def _row_top(
+def next_tokens(
     model: Searchable,
     prev: Tensor,
     state: Any,
     enc: Any,
+    *,
     width: int,
     must_end: Tensor,
     eos_id: int,
-    offsets: Tensor | None = None,
-    keep: int = 0,
+    beam_scores: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Any, Tensor]:
-    """One step: each row's ``width`` best next tokens and their log-probs, best first
-    (EOS first and ``-inf`` after it where ``must_end``), the new state, attention.
+    """One step: each row's ``width`` best next tokens and their log-probs, best first,
+    with EOS forced where ``must_end``; the new state and attention.
 
-    A model may offer ``top_step`` (same results as far as search reads them) to find
-    them without scoring every token (``Seq2Seq``'s two-level softmax does): beam
-    search tells it each beam's score so far (``offsets``, (B, K)) and that only a
-    sentence's best ``keep`` non-EOS extensions, and the EOS ones ranked above them,
-    are read (``_top_candidates`` says why). Otherwise ``decode_step``'s scores
-    are normalised in one fused ``log_softmax`` pass and ranked.
+    Exact as far as search reads them, while a row's tail is scored only where it can
+    matter (`_tail_rows`). ``beam_scores`` (B, K) are the live beams' log-probs when
+    the rows are B sentences' K beams; None for greedy.
     """
-    own_step = getattr(model, "top_step", None)
-    if own_step is not None:
-        return own_step(
-            prev,
-            state,
-            enc,
-            width=width,
-            must_end=must_end,
-            eos_id=eos_id,
-            offsets=offsets,
-            keep=keep,
-        )
-    logits, state, attn = model.decode_step(prev, state, enc)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    best, tokens = top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
+    scores, state, attn = model.step(prev, state, enc)
+    if scores.tail_bound() is not None and (eos_id >= scores.head_size or width > scores.head_size):
+        # The tail rule needs EOS and ``width`` tokens in the head: rank every token.
+        table = scores.log_probs()
+        best, tokens = table.topk(min(width, table.size(-1)), dim=-1)
+        return *_force_eos(best, tokens, must_end, table[:, eos_id], eos_id), state, attn
+    best, tokens = _force_eos(*scores.head(width), must_end, scores.log_prob(eos_id), eos_id)
+    rows = _tail_rows(scores, best, tokens, must_end, eos_id=eos_id, beam_scores=beam_scores)
+    if rows.numel():
+        tail_best, tail_tokens = scores.tail(rows, width)
+        merged, pick = torch.cat([best[rows], tail_best], -1).topk(width, dim=-1)
+        best[rows] = merged
+        tokens[rows] = torch.cat([tokens[rows], tail_tokens], -1).gather(1, pick)
     return best, tokens, state, attn
+
+
+def _force_eos(
+    best: Tensor, tokens: Tensor, must_end: Tensor, eos_log_probs: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """Rows in ``must_end`` (at their length budget) become EOS, with its own log-prob,
+    then ``-inf``; in place.
+
+    Only those rows are rewritten: building a full (N, V) mask every step would cost
+    far more, for rows that are almost never at their budget.
+    """
+    ends = must_end.nonzero()[:, 0]
+    if ends.numel():
+        best[ends] = NEG_INF
+        best[ends, 0] = eos_log_probs[ends]
+        tokens[ends, 0] = eos_id
+    return best, tokens
+
+
+def _tail_rows(
+    scores: TokenScores,
+    best: Tensor,
+    tokens: Tensor,
+    must_end: Tensor,
+    *,
+    eos_id: int,
+    beam_scores: Tensor | None,
+) -> Tensor:
+    """(R,) rows whose tail could hold a token that search reads.
+
+    Greedy reads a row's best ``width`` tokens, so a row needs its tail when its tail
+    bound reaches its ``width``-th best head log-prob. Beam search reads a sentence's
+    best K non-EOS (beam score + log-prob) sums and every EOS sum above them
+    (`_top_candidates`). A tail token (never EOS) matters only if its beam's score plus
+    its row's tail bound reaches the sentence's K-th best non-EOS head sum: below that
+    floor, K non-EOS head sums beat it, and so does every EOS that ranks among the
+    best K. Rows at their budget never need the tail.
+    """
+    bound = scores.tail_bound()
+    if bound is None:
+        return must_end.new_empty(0, dtype=torch.long)
+    if beam_scores is None:  # greedy: each row is its own group, EOS counts
+        offsets, keep, counted = torch.zeros_like(bound)[:, None], best.size(1), best
+    else:
+        offsets, keep = beam_scores, beam_scores.size(1)
+        counted = best.masked_fill(tokens == eos_id, NEG_INF)
+    groups, k = offsets.shape
+    sums = (offsets[:, :, None] + counted.view(groups, k, -1)).view(groups, -1)
+    floor = sums.topk(min(keep, sums.size(1)), dim=1).values[:, -1]
+    reach = offsets.reshape(-1) + bound
+    need = torch.isfinite(reach) & (reach >= floor.repeat_interleave(k)) & ~must_end
+    return need.nonzero()[:, 0]
 
 
 # ----------------------------------------------------------------------------------- greedy
@@ -226,7 +334,9 @@ def greedy(
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # per row of `rows`
         for step in range(longest):
             must_end = step >= budget[rows]
-            best, prev, state, attn = _row_top(model, prev, state, enc, 1, must_end, eos_id)
+            best, prev, state, attn = next_tokens(
+                model, prev, state, enc, width=1, must_end=must_end, eos_id=eos_id
+            )
             best, prev = best[:, 0], prev[:, 0]
             prev = prev.masked_fill(~alive, eos_id)
             total[rows] = total[rows] + best.masked_fill(~alive, 0.0)
@@ -393,16 +503,15 @@ def beam_search(
             at_budget = step >= budget
             must_end = at_budget.repeat_interleave(k)
             width = k + 1  # enough: see _top_candidates
-            row_best, row_tokens, state, attn = _row_top(
+            row_best, row_tokens, state, attn = next_tokens(
                 model,
                 _last_tokens(beams, bos_id),
                 state,
                 enc,
-                width,
-                must_end,
-                eos_id,
-                offsets=beams.scores,
-                keep=k,
+                width=width,
+                must_end=must_end,
+                eos_id=eos_id,
+                beam_scores=beams.scores,
             )
             candidates = _top_candidates(beams.scores, row_best, row_tokens)
             finished = _finalise(
@@ -493,12 +602,11 @@ def _top_candidates(scores: Tensor, row_best: Tensor, row_tokens: Tensor) -> _Ca
     beam's (K+1)-th token has K better ones in its own beam, at most one of them EOS).
     So a per-row ``topk`` of width K + 1 over the log-probs, then a ``topk`` over the
     K x (K+1) survivors, gives the same beams and finished hypotheses as ranking all
-    K x V sums, without a (B, K x V) tensor. (Width K + 1 rather than 2K is less
-    work; end to end it measured within noise, at beam 5 and 12 alike.)
+    K x V sums, without a (B, K x V) tensor.
 
     Args:
         scores: (B, K) cumulative log-probs of the live hypotheses.
-        row_best: (B*K, W) each hypothesis' best next-token log-probs (``_row_top``).
+        row_best: (B*K, W) each hypothesis' best next-token log-probs (`next_tokens`).
         row_tokens: (B*K, W) long, those tokens.
     """
     batch, k = scores.shape
