@@ -188,6 +188,13 @@ class OptimConfig:
     plateau_patience: int = 2
     min_lr: float = 1e-5
 
+    def __post_init__(self) -> None:
+        if self.schedule == Schedule.warmup and self.warmup_steps < 1:
+            raise ValueError(
+                f"optim.schedule=warmup needs optim.warmup_steps >= 1 (the steps of linear "
+                f"warm-up), got {self.warmup_steps}; for a fixed rate use optim.schedule=constant"
+            )
+
 
 @dataclass
 class TrainingConfig:

@@ -320,7 +320,7 @@ def greedy(
     Returns:
         One single-hypothesis list per sentence; ``score`` is the raw log-prob.
     """
-    with torch.no_grad():  # not inference_mode: see Translator.search_ids (bf16 casts)
+    with torch.no_grad():  # not inference_mode: see Translator._search_mode (bf16 casts)
         batch, device = src.size(0), src.device
         budget = max_lengths(src_lengths, max_len_a, max_len_b).to(device)
         longest = int(budget.max()) + 1
@@ -491,7 +491,7 @@ def beam_search(
         Per sentence, up to ``nbest`` hypotheses, best score first.
     """
     _check_beam_args(beam_size, nbest)
-    with torch.no_grad():  # not inference_mode: see Translator.search_ids (bf16 casts)
+    with torch.no_grad():  # not inference_mode: see Translator._search_mode (bf16 casts)
         batch, k = src.size(0), beam_size
         budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
         enc = model.encode(src, src_lengths).select(_beam_rows(batch, k, src.device))

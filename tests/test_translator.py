@@ -13,6 +13,7 @@ from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.device import pick_device
 from seq2seq.search import beam_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID
+from seq2seq.trainer import greedy_bleu
 from seq2seq.translator import TextHypothesis, Translator, check_decode
 
 from .conftest import lively_model
@@ -260,3 +261,13 @@ def test_pick_device():
     assert pick_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="choose one of auto, cpu, cuda"):
         pick_device("gpu")
+
+
+def test_validation_bleu_reads_only_the_first_valid_max_sentences(model, tokenizer, sentences):
+    """``train.valid_max_sentences``: validation scores greedy output on that many
+    sentences (all of them when 0)."""
+    translator = make(model, tokenizer, beam_size=3, max_len_b=12)
+    greedy_lines = translator.with_decode(beam_size=1, nbest=1).translate(sentences)
+    refs = greedy_lines[:3] + ["nothing like it"] * (len(sentences) - 3)
+    assert greedy_bleu(translator, sentences, refs, limit=3) == pytest.approx(100.0)
+    assert greedy_bleu(translator, sentences, refs, limit=0) < 50.0
