@@ -11,17 +11,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 MISSING = "???"
 
 
 # Choices are str-valued Enums (OmegaConf 2.3 has no Literal support): YAML and
 # the command line use the plain names, and members compare equal to them.
+ChoiceT = TypeVar("ChoiceT", bound="Choice")
+
+
 class Choice(str, Enum):
     """A config choice that prints and formats as its plain name."""
 
     def __str__(self) -> str:
         return str(self.value)
+
+    @classmethod
+    def parse(cls: type[ChoiceT], value: str, key: str) -> ChoiceT:
+        """``value`` as a member, or an error naming the key and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(str(member.value) for member in cls)
+            raise ValueError(f"{key}={value!r}; choose one of {names}") from None
 
 
 class DataFormat(Choice):

@@ -20,7 +20,9 @@ Why the query is the state *after* the recurrence and there is no input
 feeding: then the decoder RNN does not depend on attention, so teacher-forced
 training runs it over the whole target sequence in one fused call and attends
 for all steps in one batched operation, instead of a Python loop over steps.
-``decode_step`` runs exactly the same computation one step at a time for search.
+``decode_step`` runs the same computation one step at a time; search runs it
+through ``seq2seq.inference``, with the products that depend only on the weights
+or only on the source computed ahead.
 
 Shapes: B batch, S source length, T target length, E embedding size,
 H hidden size (decoder; the encoder uses H/2 per direction), A attention size,
@@ -31,8 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from enum import Enum
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +50,10 @@ _RNN_CLASSES: dict[Cell, Callable[..., nn.RNNBase]] = {
     Cell.lstm: nn.LSTM,
     Cell.rnn: nn.RNN,
 }
-ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
 # Upper bound on the elements of one additive-attention score tensor (B, t, S, A);
 # longer targets are attended in chunks of steps so memory stays bounded.
 _ADDITIVE_CHUNK_ELEMENTS = 1 << 24
-
-
-def _choice(kind: type[ChoiceT], value: str, key: str) -> ChoiceT:
-    """``value`` as a member of ``kind``, or an error naming the key and the choices."""
-    try:
-        return kind(value)
-    except ValueError:
-        names = ", ".join(str(member.value) for member in kind)
-        raise ValueError(f"model.{key}={value!r}; choose one of {names}") from None
 
 
 @dataclass(frozen=True)
@@ -157,7 +147,7 @@ class Attention(nn.Module):
 
     def __init__(self, kind: AttentionKind, *, hidden_size: int, attention_size: int) -> None:
         super().__init__()
-        self.kind = _choice(AttentionKind, kind, "attention")
+        self.kind = AttentionKind.parse(kind, "model.attention")
         if self.kind == AttentionKind.bahdanau:
             self.key_proj = nn.Linear(hidden_size, attention_size, bias=False)
             self.query_proj = nn.Linear(hidden_size, attention_size)
@@ -226,27 +216,17 @@ class Encoder(nn.Module):
     CUDA, cuDNN's fused packed GRU is the faster one and stays.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int,
-        *,
-        hidden_size: int,
-        layers: int,
-        cell: Cell,
-        dropout: float,
-        pad_id: int,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, pad_id: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = Dropout(dropout)
-        self.rnn = _RNN_CLASSES[_choice(Cell, cell, "cell")](
-            embedding_size,
-            hidden_size // 2,
-            num_layers=layers,
+        self.embed = nn.Embedding(vocab_size, cfg.embedding_size, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
+        self.rnn = _RNN_CLASSES[Cell.parse(cfg.cell, "model.cell")](
+            cfg.embedding_size,
+            cfg.hidden_size // 2,
+            num_layers=cfg.encoder_layers,
             batch_first=True,
             bidirectional=True,
-            dropout=dropout if layers > 1 else 0.0,
+            dropout=cfg.dropout if cfg.encoder_layers > 1 else 0.0,
         )
 
     def forward(self, src: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,49 +256,35 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """RNN over ``[y_{t-1}; c]`` -> attention -> deep output -> vocabulary scores."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int,
-        *,
-        hidden_size: int,
-        layers: int,
-        cell: Cell,
-        attention: AttentionKind,
-        attention_size: int,
-        dropout: float,
-        tie_embeddings: bool,
-        softmax_head: int,
-        pad_id: int,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, pad_id: int) -> None:
         super().__init__()
-        if not 0 <= softmax_head < vocab_size:
+        if not 0 <= cfg.softmax_head < vocab_size:
             raise ValueError(
-                f"model.softmax_head={softmax_head} must be 0 (a full softmax) or fewer "
+                f"model.softmax_head={cfg.softmax_head} must be 0 (a full softmax) or fewer "
                 f"than the {vocab_size} target pieces"
             )
-        self.layers = layers
-        self.cell = _choice(Cell, cell, "cell")
-        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = Dropout(dropout)
+        emb, hidden, self.layers = cfg.embedding_size, cfg.hidden_size, cfg.decoder_layers
+        self.cell = Cell.parse(cfg.cell, "model.cell")
+        self.embed = nn.Embedding(vocab_size, emb, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
         self.rnn = _RNN_CLASSES[self.cell](
-            embedding_size + hidden_size,
-            hidden_size,
-            num_layers=layers,
+            emb + hidden,
+            hidden,
+            num_layers=self.layers,
             batch_first=True,
-            dropout=dropout if layers > 1 else 0.0,
+            dropout=cfg.dropout if self.layers > 1 else 0.0,
         )
-        self.init_proj = nn.Linear(hidden_size, layers * hidden_size)
+        self.init_proj = nn.Linear(hidden, self.layers * hidden)
         self.attention = Attention(
-            attention, hidden_size=hidden_size, attention_size=attention_size
+            cfg.attention, hidden_size=hidden, attention_size=cfg.attention_size
         )
-        self.deep_output = nn.Linear(2 * hidden_size + embedding_size, embedding_size)
-        self.generator = nn.Linear(embedding_size, vocab_size)
-        if tie_embeddings:
+        self.deep_output = nn.Linear(2 * hidden + emb, emb)
+        self.generator = nn.Linear(emb, vocab_size)
+        if cfg.tie_embeddings:
             self.generator.weight = self.embed.weight
-        self.softmax_head = softmax_head
+        self.softmax_head = cfg.softmax_head
         # The two-level softmax's tail class: its score sits next to the head's.
-        self.tail = nn.Linear(embedding_size, 1) if softmax_head else None
+        self.tail = nn.Linear(emb, 1) if cfg.softmax_head else None
 
     @property
     def fused_gru(self) -> bool:
@@ -440,58 +406,22 @@ class Seq2Seq(nn.Module):
     Both paths compute the same scores for the same inputs.
     """
 
-    def __init__(
-        self,
-        src_vocab: int,
-        tgt_vocab: int,
-        *,
-        pad_id: int,
-        embedding_size: int = 256,
-        hidden_size: int = 512,
-        encoder_layers: int = 1,
-        decoder_layers: int = 1,
-        cell: Cell = Cell.gru,
-        attention: AttentionKind = AttentionKind.bahdanau,
-        attention_size: int = 256,
-        dropout: float = 0.3,
-        tie_embeddings: bool = True,
-        share_embeddings: bool = False,
-        softmax_head: int = 0,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, *, src_vocab: int, tgt_vocab: int, pad_id: int) -> None:
         super().__init__()
-        if share_embeddings and src_vocab != tgt_vocab:
+        if cfg.share_embeddings and src_vocab != tgt_vocab:
             raise ValueError(
                 f"model.share_embeddings needs one vocabulary for both sides "
                 f"(source {src_vocab}, target {tgt_vocab}); use tokenizer.joint=true"
             )
-        if hidden_size % 2:
-            raise ValueError(f"model.hidden_size={hidden_size} must be even (H/2 per direction)")
-        cell = _choice(Cell, cell, "cell")
+        if cfg.hidden_size % 2:
+            raise ValueError(
+                f"model.hidden_size={cfg.hidden_size} must be even (H/2 per direction)"
+            )
         self.pad_id = pad_id
-        self.encoder = Encoder(
-            src_vocab,
-            embedding_size,
-            hidden_size=hidden_size,
-            layers=encoder_layers,
-            cell=cell,
-            dropout=dropout,
-            pad_id=pad_id,
-        )
-        self.bridge = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(
-            tgt_vocab,
-            embedding_size,
-            hidden_size=hidden_size,
-            layers=decoder_layers,
-            cell=cell,
-            attention=attention,
-            attention_size=attention_size,
-            dropout=dropout,
-            tie_embeddings=tie_embeddings,
-            softmax_head=softmax_head,
-            pad_id=pad_id,
-        )
-        if share_embeddings:
+        self.encoder = Encoder(cfg, src_vocab, pad_id=pad_id)
+        self.bridge = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.decoder = Decoder(cfg, tgt_vocab, pad_id=pad_id)
+        if cfg.share_embeddings:
             # One table for source, target (and, tied, the output layer): names,
             # numbers and cognates spelled alike in both languages learn once.
             self.encoder.embed.weight = self.decoder.embed.weight
@@ -502,22 +432,7 @@ class Seq2Seq(nn.Module):
         cls, cfg: ModelConfig, *, src_vocab: int, tgt_vocab: int, pad_id: int
     ) -> Seq2Seq:
         """Build from the model config; vocabulary sizes come from the tokenizer."""
-        return cls(
-            src_vocab,
-            tgt_vocab,
-            pad_id=pad_id,
-            embedding_size=cfg.embedding_size,
-            hidden_size=cfg.hidden_size,
-            encoder_layers=cfg.encoder_layers,
-            decoder_layers=cfg.decoder_layers,
-            cell=cfg.cell,
-            attention=cfg.attention,
-            attention_size=cfg.attention_size,
-            dropout=cfg.dropout,
-            tie_embeddings=cfg.tie_embeddings,
-            share_embeddings=cfg.share_embeddings,
-            softmax_head=cfg.softmax_head,
-        )
+        return cls(cfg, src_vocab=src_vocab, tgt_vocab=tgt_vocab, pad_id=pad_id)
 
     def reset_parameters(self) -> None:
         """Uniform(-0.1, 0.1) everywhere, zero padding embeddings.

@@ -39,7 +39,8 @@ With ``alpha = 0`` the rule in 5 is exact (log-probs only fall as a hypothesis g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -381,24 +382,35 @@ def _greedy_hypotheses(
 
 @dataclass
 class _Beams:
-    """The live hypotheses of every sentence, K per sentence.
+    """The live hypotheses of the sentences still searched, K per sentence.
 
     Attributes:
-        tokens: (B, K, t) long, tokens generated so far.
-        scores: (B, K) cumulative log-probs; ``-inf`` marks an empty or retired slot.
-        parents: (B, K) long, the slot of the previous beam each hypothesis extends.
-        attention: (B, K, t, S) attention rows of those tokens, or None.
+        tokens: (A, K, t) long, tokens generated so far.
+        scores: (A, K) cumulative log-probs; ``-inf`` marks an empty or retired slot.
+        parents: (A, K) long, the slot of the previous beam each hypothesis extends.
+        attention: (A, K, t, S) attention rows of those tokens, or None.
+        sentences: (A,) long, which sentences of the batch these are.
+        budget: (A,) long, their length budgets.
     """
 
     tokens: Tensor
     scores: Tensor
     parents: Tensor
     attention: Tensor | None
+    sentences: Tensor
+    budget: Tensor
 
     def select(self, keep: Tensor) -> _Beams:
-        """The beams of sentences ``keep`` ((A,) long) only."""
+        """The beams of sentences ``keep`` ((A',) long, rows of these) only."""
         attention = None if self.attention is None else self.attention[keep]
-        return _Beams(self.tokens[keep], self.scores[keep], self.parents[keep], attention)
+        return _Beams(
+            self.tokens[keep],
+            self.scores[keep],
+            self.parents[keep],
+            attention,
+            self.sentences[keep],
+            self.budget[keep],
+        )
 
 
 @dataclass
@@ -496,43 +508,46 @@ def beam_search(
         budget = max_lengths(src_lengths, max_len_a, max_len_b).to(src.device)
         enc = model.encode(src, src_lengths).select(_beam_rows(batch, k, src.device))
         state = model.init_state(enc)
-        beams = _start_beams(batch, k, src.size(1), src.device, return_attention)
+        beams = _start_beams(budget, k, src.size(1), return_attention)
         finished = _no_finished(beams, int(budget.max()))
-        active = torch.arange(batch, device=src.device)  # sentences still searched
+        # Each beam's K + 1 best tokens are enough: see _top_candidates.
+        step_tokens = partial(next_tokens, model, width=k + 1, eos_id=eos_id)
         for step in range(int(budget.max()) + 1):
-            at_budget = step >= budget
-            must_end = at_budget.repeat_interleave(k)
-            width = k + 1  # enough: see _top_candidates
-            row_best, row_tokens, state, attn = next_tokens(
-                model,
+            at_budget = step >= beams.budget
+            row_best, row_tokens, state, attn = step_tokens(
                 _last_tokens(beams, bos_id),
                 state,
                 enc,
-                width=width,
-                must_end=must_end,
-                eos_id=eos_id,
+                must_end=at_budget.repeat_interleave(k),
                 beam_scores=beams.scores,
             )
             candidates = _top_candidates(beams.scores, row_best, row_tokens)
-            finished = _finalise(
-                finished, active, beams, candidates, attn, alpha=alpha, eos_id=eos_id
-            )
+            finished = _finalise(finished, beams, candidates, attn, alpha=alpha, eos_id=eos_id)
             beams = _advance(beams, candidates, attn, eos_id=eos_id)
-            done = _is_done(finished.scores[active], beams, at_budget, alpha=alpha)
+            done = _is_done(finished.scores[beams.sentences], beams, at_budget, alpha=alpha)
             rows = _flat_rows(beams.parents)
+            if bool(done.all()):
+                break
             if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                if _worth_compacting(keep.numel(), done.numel()):
-                    active, budget, beams = active[keep], budget[keep], beams.select(keep)
-                    rows = rows.view(-1, k)[keep].reshape(-1)
-                    enc = enc.select(_beam_slots(keep, k))
-                else:
-                    # A -inf beam can add nothing to its sentence's finished set.
-                    beams.scores = beams.scores.masked_fill(done[:, None], NEG_INF)
+                beams, rows, enc = _retire(done, beams, rows, enc)
             state = state.select(rows)
         return _beam_hypotheses(finished, src_lengths, nbest)
+
+
+def _retire(
+    done: Tensor, beams: _Beams, rows: Tensor, enc: SelectableT
+) -> tuple[_Beams, Tensor, SelectableT]:
+    """Sentences ``done`` ((A,) bool) leave the batch once enough are done; until then
+    their beams are frozen at ``-inf``. Returns the beams, the (A'*K,) state rows the
+    next step continues and the encoder rows of the sentences left."""
+    keep = (~done).nonzero().squeeze(1)
+    if not _worth_compacting(keep.numel(), done.numel()):
+        # A -inf beam can add nothing to its sentence's finished set.
+        beams.scores = beams.scores.masked_fill(done[:, None], NEG_INF)
+        return beams, rows, enc
+    k = beams.scores.size(1)
+    rows = rows.view(-1, k)[keep].reshape(-1)
+    return beams.select(keep), rows, enc.select(_beam_slots(keep, k))
 
 
 def _check_beam_args(beam_size: int, nbest: int) -> None:
@@ -554,19 +569,21 @@ def _beam_slots(sentences: Tensor, k: int) -> Tensor:
     return (sentences[:, None] * k + torch.arange(k, device=sentences.device)).reshape(-1)
 
 
-def _start_beams(
-    batch: int, k: int, src_len: int, device: torch.device, with_attention: bool
-) -> _Beams:
+def _start_beams(budget: Tensor, k: int, src_len: int, with_attention: bool) -> _Beams:
     """One empty hypothesis per sentence; the other K-1 slots start at ``-inf``.
 
     Otherwise the first step would fill the beam with K copies of the same extensions.
+
+    Args:
+        budget: (B,) long, each sentence's length budget.
     """
+    batch, device = budget.size(0), budget.device
     scores = torch.full((batch, k), NEG_INF, device=device)
     scores[:, 0] = 0.0
     tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
     parents = torch.arange(k, device=device).expand(batch, k)
     attention = torch.zeros(batch, k, 0, src_len, device=device) if with_attention else None
-    return _Beams(tokens, scores, parents, attention)
+    return _Beams(tokens, scores, parents, attention, torch.arange(batch, device=device), budget)
 
 
 def _no_finished(beams: _Beams, longest: int) -> _Finished:
@@ -619,7 +636,6 @@ def _top_candidates(scores: Tensor, row_best: Tensor, row_tokens: Tensor) -> _Ca
 
 def _finalise(
     finished: _Finished,
-    active: Tensor,
     beams: _Beams,
     candidates: _Candidates,
     step_attention: Tensor,
@@ -630,7 +646,6 @@ def _finalise(
     """Move EOS candidates ranked in the top K into the finished set, keeping the best K.
 
     Args:
-        active: (A,) long, the sentences (rows of ``finished``) that ``beams`` belong to.
         step_attention: (B*K, S) attention of this step, rows in the current beam order.
     """
     batch, k, length = beams.tokens.shape
@@ -651,7 +666,7 @@ def _finalise(
         scores=log_probs.masked_fill(~ends, NEG_INF) / length_penalty(length + 1, alpha),
         attention=attention,
     )
-    return finished.with_rows(active, _keep_best(finished.rows(active), new))
+    return finished.with_rows(beams.sentences, _keep_best(finished.rows(beams.sentences), new))
 
 
 def _keep_best(old: _Finished, new: _Finished) -> _Finished:
@@ -696,7 +711,7 @@ def _advance(
         rows = torch.cat([beams.attention, step_attention.view(batch, k, 1, -1)], dim=2)
         attention = _pick(rows, origin)
     history = torch.cat([_pick(beams.tokens, origin), tokens[:, :, None]], dim=2)
-    return _Beams(tokens=history, scores=scores, parents=origin, attention=attention)
+    return replace(beams, tokens=history, scores=scores, parents=origin, attention=attention)
 
 
 def _is_done(finished_scores: Tensor, beams: _Beams, at_budget: Tensor, *, alpha: float) -> Tensor:

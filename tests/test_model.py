@@ -161,7 +161,8 @@ def test_bf16_autocast_training_pass_gives_fp32_gradients_near_fp32():
     """The hand-written GRU and loss under bf16 autocast: every weight gets an
     fp32 gradient, and the loss stays close to the fp32 one."""
     torch.manual_seed(0)
-    model = Seq2Seq(50, 60, pad_id=PAD_ID, embedding_size=16, hidden_size=32, attention_size=16)
+    cfg = ModelConfig(embedding_size=16, hidden_size=32, attention_size=16)
+    model = Seq2Seq(cfg, src_vocab=50, tgt_vocab=60, pad_id=PAD_ID)
     model.eval()  # no dropout: both passes see the same function
     src, lengths = torch.randint(4, 50, (3, 7)), torch.tensor([7, 5, 2])
     tgt = torch.randint(4, 60, (3, 6))
