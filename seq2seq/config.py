@@ -11,17 +11,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 MISSING = "???"
 
 
 # Choices are str-valued Enums (OmegaConf 2.3 has no Literal support): YAML and
 # the command line use the plain names, and members compare equal to them.
+ChoiceT = TypeVar("ChoiceT", bound="Choice")
+
+
 class Choice(str, Enum):
     """A config choice that prints and formats as its plain name."""
 
     def __str__(self) -> str:
         return str(self.value)
+
+    @classmethod
+    def parse(cls: type[ChoiceT], value: str, key: str) -> ChoiceT:
+        """``value`` as a member, or an error naming the key and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(str(member.value) for member in cls)
+            raise ValueError(f"{key}={value!r}; choose one of {names}") from None
 
 
 class DataFormat(Choice):
@@ -74,7 +87,7 @@ class Backend(Choice):
 
 class Errors(Choice):
     strict = "strict"
-    replace = "replace"
+    replace = "replace"  # type: ignore[assignment]  # the member shadows str.replace
 
 
 def conf_dir() -> str:
@@ -196,6 +209,13 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 2
     min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.schedule == Schedule.warmup and self.warmup_steps < 1:
+            raise ValueError(
+                f"optim.schedule=warmup needs optim.warmup_steps >= 1 (the steps of linear "
+                f"warm-up), got {self.warmup_steps}; for a fixed rate use optim.schedule=constant"
+            )
 
 
 @dataclass

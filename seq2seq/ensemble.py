@@ -1,30 +1,32 @@
-"""Several trained models decoding as one: the search API over their average.
+"""Several trained models decoding as one: search over their averaged distributions.
 
 Why average log-probabilities: each step the ensemble scores token ``y`` with
 the mean of its members' log-probs, i.e. the normalised geometric mean of their
 distributions (as Nematus and Marian ensemble). Independently trained members
 make different mistakes, and a token only wins when most members agree on it,
 so a small ensemble typically gains more BLEU than any single-model recipe
-change of the same cost. Search renormalises the scores it keeps, so the
-averaged log-probs serve as its logits.
+change of the same cost.
 
-The members must share one target vocabulary; each keeps its own encoder
-output and decoder state, carried together as `Members` so that search picks
-and reorders rows for all of them at once.
+The members must share one target vocabulary. `Ensemble` holds them as one module
+(what a bundle loads); `EnsembleInference` searches with them: each member keeps its
+own encoder output and decoder state, carried together as `Members` so that search
+picks and reorders rows for all of them at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from seq2seq import inference
 from seq2seq.model import Seq2Seq
+from seq2seq.search import LogProbs
 
-__all__ = ["Ensemble", "Members"]
+__all__ = ["Ensemble", "EnsembleInference", "Members"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Members:
 
 
 class Ensemble(nn.Module):
-    """Members behind the same search API as one `Seq2Seq`."""
+    """Trained models that decode together; ``for_search`` gives search's view."""
 
     def __init__(self, members: Sequence[Seq2Seq]) -> None:
         super().__init__()
@@ -50,22 +52,34 @@ class Ensemble(nn.Module):
             raise ValueError(f"ensemble members have different target vocabularies: {vocabularies}")
         self.members = nn.ModuleList(members)
 
+    def for_search(self) -> EnsembleInference:
+        """Each member frozen for search (``seq2seq.inference.build``), averaged."""
+        return EnsembleInference([inference.build(cast(Seq2Seq, m)) for m in self.members])
+
+
+class EnsembleInference:
+    """The members' search steps behind the search API of one model."""
+
+    def __init__(self, members: Sequence[inference.Inference]) -> None:
+        self.members = list(members)
+
     def encode(self, src: Tensor, src_lengths: Tensor) -> Members:
         return Members(tuple(m.encode(src, src_lengths) for m in self.members))
 
     def init_state(self, enc: Members) -> Members:
-        return Members(tuple(m.init_state(e) for m, e in zip(self.members, enc.parts, strict=True)))
+        parts = zip(self.members, enc.parts, strict=True)
+        return Members(tuple(m.init_state(e) for m, e in parts))
 
-    def decode_step(
+    def step(
         self, prev_tokens: Tensor, state: Members, enc: Members
-    ) -> tuple[Tensor, Members, Tensor]:
-        """One step of every member: mean log-probs (N, V), their states, and the
-        mean of their attention weights (N, S)."""
+    ) -> tuple[LogProbs, Members, Tensor]:
+        """One step of every member: the mean of their log-probs (N, V), their states,
+        and the mean of their attention weights (N, S)."""
         log_probs, states, weights = [], [], []
-        for model, s, e in zip(self.members, state.parts, enc.parts, strict=True):
-            logits, new_state, attn = model.decode_step(prev_tokens, s, e)
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+        for member, s, e in zip(self.members, state.parts, enc.parts, strict=True):
+            scores, new_state, attn = member.step(prev_tokens, s, e)
+            log_probs.append(scores.log_probs())
             states.append(new_state)
             weights.append(attn.float())
         mean = torch.stack(log_probs).mean(0)
-        return mean, Members(tuple(states)), torch.stack(weights).mean(0)
+        return LogProbs(mean), Members(tuple(states)), torch.stack(weights).mean(0)

@@ -6,8 +6,8 @@ directly: ``grad = w * (softmax(z) - (1 - eps) * onehot(y) - eps / V)`` with
 ``cross_entropy`` with label smoothing and ``ignore_index`` builds the same
 gradient from several (N, V) passes (the smoothing term's expanded sum, the
 padding mask, the sum of both terms, then ``log_softmax``'s backward); here
-the backward is two passes over the saved log-probabilities. At 8k pieces
-the loss was the largest elementwise cost of a training step.
+the backward is two passes over the saved log-probabilities. With a vocabulary
+of thousands of pieces the loss is the largest elementwise cost of a step.
 """
 
 from __future__ import annotations

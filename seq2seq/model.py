@@ -20,7 +20,9 @@ Why the query is the state *after* the recurrence and there is no input
 feeding: then the decoder RNN does not depend on attention, so teacher-forced
 training runs it over the whole target sequence in one fused call and attends
 for all steps in one batched operation, instead of a Python loop over steps.
-``decode_step`` runs exactly the same computation one step at a time for search.
+``decode_step`` runs the same computation one step at a time; search runs it
+through ``seq2seq.inference``, with the products that depend only on the weights
+or only on the source computed ahead.
 
 Shapes: B batch, S source length, T target length, E embedding size,
 H hidden size (decoder; the encoder uses H/2 per direction), A attention size,
@@ -29,8 +31,8 @@ V vocabulary, L layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +41,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq import softmax
 from seq2seq.additive import additive_scores
-from seq2seq.config import ModelConfig
-from seq2seq.gru import bidirectional_gru, gru_cell, gru_recurrence
+from seq2seq.config import AttentionKind, Cell, ModelConfig
+from seq2seq.gru import bidirectional_gru, gru_recurrence
 from seq2seq.loss import masked_cross_entropy
 
-Cell = Literal["gru", "lstm", "rnn"]
-AttentionKind = Literal["bahdanau", "luong", "none"]
-
-_RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+_RNN_CLASSES: dict[Cell, Callable[..., nn.RNNBase]] = {
+    Cell.gru: nn.GRU,
+    Cell.lstm: nn.LSTM,
+    Cell.rnn: nn.RNN,
+}
 
 # Upper bound on the elements of one additive-attention score tensor (B, t, S, A);
 # longer targets are attended in chunks of steps so memory stays bounded.
@@ -63,21 +66,12 @@ class EncoderOutput:
             (doubled for additive attention).
         mask: (B, S) True on real source positions.
         context: (B, H) the context vector c.
-        context_gates: (B, 3H) the context vector's share of a one-layer GRU decoder's
-            input gates (bias included), computed once per sentence; (B, 0) for
-            other decoders.
-        values: (B, S, E) for search with a one-layer GRU decoder in eval mode,
-            each state's share of the deep output (``W_o[:, H:2H] h_s``; c's share,
-            (B, 1, E), without attention), so a step's attention read-out comes
-            out already projected; (B, 0, 0) otherwise.
     """
 
     states: Tensor
     keys: Tensor
     mask: Tensor
     context: Tensor
-    context_gates: Tensor
-    values: Tensor
 
     def select(self, index: Tensor) -> EncoderOutput:
         """Rows picked by ``index`` (e.g. each sentence repeated per beam)."""
@@ -118,9 +112,8 @@ class Dropout(nn.Module):
     """Inverted dropout (``nn.Dropout``'s semantics) with a cheaper random mask.
 
     Why: on CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, which costs
-    about 2.5 times a uniform draw compared with ``p`` (4.4 against 1.8 ms for a
-    1,100 x 256 batch on a Zen 3 core pair); three dropouts per training step
-    made it the largest elementwise cost after the loss.
+    several times a uniform draw compared with ``p``; with three dropouts per
+    training step that made it the largest elementwise cost after the loss.
     """
 
     def __init__(self, p: float) -> None:
@@ -154,23 +147,21 @@ class Attention(nn.Module):
 
     def __init__(self, kind: AttentionKind, *, hidden_size: int, attention_size: int) -> None:
         super().__init__()
-        self.kind = kind
-        if kind == "bahdanau":
+        self.kind = AttentionKind.parse(kind, "model.attention")
+        if self.kind == AttentionKind.bahdanau:
             self.key_proj = nn.Linear(hidden_size, attention_size, bias=False)
             self.query_proj = nn.Linear(hidden_size, attention_size)
             self.v = nn.Linear(attention_size, 1, bias=False)
-        elif kind == "luong":
+        elif self.kind == AttentionKind.luong:
             self.key_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        elif kind != "none":
-            raise ValueError(f"model.attention={kind!r}; choose one of bahdanau, luong, none")
 
     def keys(self, states: Tensor) -> Tensor:
         """(B, S, H) -> (B, S, A): the query-independent half, once per batch
         (doubled for ``bahdanau``: ``seq2seq.additive`` takes ``2 W_k h_s``)."""
-        if self.kind == "none":
+        if self.kind == AttentionKind.none:
             return states
         keys = self.key_proj(states)
-        return 2 * keys if self.kind == "bahdanau" else keys
+        return 2 * keys if self.kind == AttentionKind.bahdanau else keys
 
     def forward(
         self, query: Tensor, enc: EncoderOutput, values: Tensor | None = None
@@ -180,21 +171,21 @@ class Attention(nn.Module):
         Args:
             query: (B, T, H) decoder states.
             enc: the encoder output (keys, states, mask, c).
-            values: what to read out instead of the states (search passes
-                ``enc.values``); (B, 1, D) for ``none``.
+            values: (B, S, D) what to read out instead of the states (search reads
+                them already projected); (B, 1, D) for ``none``.
 
         Returns:
             read-out (B, T, H) and weights (B, T, S), zero on padding.
         """
         mask = enc.mask[:, None, :]
-        if self.kind == "none":
+        if self.kind == AttentionKind.none:
             weights = mask.to(query.dtype).expand(-1, query.size(1), -1)
             weights = weights / weights.sum(-1, keepdim=True)
             read = enc.context[:, None, :] if values is None else values
             return read.expand(-1, query.size(1), -1), weights
         scores = (
             self._additive(query, enc.keys)
-            if self.kind == "bahdanau"
+            if self.kind == AttentionKind.bahdanau
             else self._general(query, enc.keys)
         )
         weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
@@ -221,32 +212,21 @@ class Encoder(nn.Module):
     """Embeddings -> bidirectional RNN over packed sequences -> states and summary.
 
     On CPU a one-layer GRU runs through ``seq2seq.gru.bidirectional_gru`` instead
-    of ``nn.GRU``: the same result from the same parameters, about 8% more
-    training throughput at the recipe's sizes. On CUDA, cuDNN's fused packed GRU
-    is the faster one and stays.
+    of ``nn.GRU``: the same result from the same parameters, faster to train. On
+    CUDA, cuDNN's fused packed GRU is the faster one and stays.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int,
-        *,
-        hidden_size: int,
-        layers: int,
-        cell: Cell,
-        dropout: float,
-        pad_id: int,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, pad_id: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = Dropout(dropout)
-        self.rnn = _RNN_CLASSES[cell](
-            embedding_size,
-            hidden_size // 2,
-            num_layers=layers,
+        self.embed = nn.Embedding(vocab_size, cfg.embedding_size, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
+        self.rnn = _RNN_CLASSES[Cell.parse(cfg.cell, "model.cell")](
+            cfg.embedding_size,
+            cfg.hidden_size // 2,
+            num_layers=cfg.encoder_layers,
             batch_first=True,
             bidirectional=True,
-            dropout=dropout if layers > 1 else 0.0,
+            dropout=cfg.dropout if cfg.encoder_layers > 1 else 0.0,
         )
 
     def forward(self, src: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,65 +256,58 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """RNN over ``[y_{t-1}; c]`` -> attention -> deep output -> vocabulary scores."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int,
-        *,
-        hidden_size: int,
-        layers: int,
-        cell: Cell,
-        attention: AttentionKind,
-        attention_size: int,
-        dropout: float,
-        tie_embeddings: bool,
-        softmax_head: int,
-        pad_id: int,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, pad_id: int) -> None:
         super().__init__()
-        if not 0 <= softmax_head < vocab_size:
+        if not 0 <= cfg.softmax_head < vocab_size:
             raise ValueError(
-                f"model.softmax_head={softmax_head} must be 0 (a full softmax) or fewer "
+                f"model.softmax_head={cfg.softmax_head} must be 0 (a full softmax) or fewer "
                 f"than the {vocab_size} target pieces"
             )
-        self.layers = layers
-        self.cell = cell
-        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.dropout = Dropout(dropout)
-        self.rnn = _RNN_CLASSES[cell](
-            embedding_size + hidden_size,
-            hidden_size,
-            num_layers=layers,
+        emb, hidden, self.layers = cfg.embedding_size, cfg.hidden_size, cfg.decoder_layers
+        self.cell = Cell.parse(cfg.cell, "model.cell")
+        self.embed = nn.Embedding(vocab_size, emb, padding_idx=pad_id)
+        self.dropout = Dropout(cfg.dropout)
+        self.rnn = _RNN_CLASSES[self.cell](
+            emb + hidden,
+            hidden,
+            num_layers=self.layers,
             batch_first=True,
-            dropout=dropout if layers > 1 else 0.0,
+            dropout=cfg.dropout if self.layers > 1 else 0.0,
         )
-        self.init_proj = nn.Linear(hidden_size, layers * hidden_size)
+        self.init_proj = nn.Linear(hidden, self.layers * hidden)
         self.attention = Attention(
-            attention, hidden_size=hidden_size, attention_size=attention_size
+            cfg.attention, hidden_size=hidden, attention_size=cfg.attention_size
         )
-        self.deep_output = nn.Linear(2 * hidden_size + embedding_size, embedding_size)
-        self.generator = nn.Linear(embedding_size, vocab_size)
-        if tie_embeddings:
+        self.deep_output = nn.Linear(2 * hidden + emb, emb)
+        self.generator = nn.Linear(emb, vocab_size)
+        if cfg.tie_embeddings:
             self.generator.weight = self.embed.weight
-        self.softmax_head = softmax_head
+        self.softmax_head = cfg.softmax_head
         # The two-level softmax's tail class: its score sits next to the head's.
-        self.tail = nn.Linear(embedding_size, 1) if softmax_head else None
-        # Search's per-token table (``_token_table``) and the parameter versions it
-        # was computed from; not part of the state dict.
-        self._table: Tensor | None = None
-        self._table_key: tuple[tuple[int, int], ...] = ()
+        self.tail = nn.Linear(emb, 1) if cfg.softmax_head else None
+
+    @property
+    def fused_gru(self) -> bool:
+        """Whether the recurrence is ``seq2seq.gru``'s, with c's share of the input
+        gates computed once per sentence (a one-layer GRU)."""
+        return self.cell == Cell.gru and self.layers == 1
+
+    def layer_weight(self, name: str) -> Tensor:
+        """A weight of the RNN's first layer by PyTorch's name (``weight_ih`` ...)."""
+        return self.rnn.get_parameter(f"{name}_l0")
 
     def init_state(self, context: Tensor) -> DecoderState:
         """Every layer starts from ``tanh(W_init c)``; the LSTM cell from zeros."""
         batch, hidden = context.shape
         h0 = torch.tanh(self.init_proj(context)).view(batch, self.layers, hidden)
         h0 = h0.transpose(0, 1).contiguous()
-        return DecoderState(h0, torch.zeros_like(h0) if self.cell == "lstm" else None)
+        return DecoderState(h0, torch.zeros_like(h0) if self.cell == Cell.lstm else None)
 
-    def forward(
+    def features(
         self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
     ) -> tuple[Tensor, DecoderState, Tensor]:
-        """Run T steps at once (T = 1 during search).
+        """T steps up to the deep output, all at once (teacher forcing; T = 1 for a
+        single step).
 
         Args:
             prev_tokens: (B, T) previous target tokens (BOS first).
@@ -342,9 +315,28 @@ class Decoder(nn.Module):
             enc: encoder output for the same B rows.
 
         Returns:
-            scores (B, T, V) (logits, or log-probs for the two-level softmax), the
-            state after the last step, attention (B, T, S).
+            deep-output vectors (B, T, E) before the vocabulary projection, the state
+            after the last step, attention (B, T, S).
         """
+        emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
+        if self.fused_gru:
+            outputs = self._gru_steps(emb, state, self.context_gates(enc.context))
+            new_state = DecoderState(outputs[:, -1][None])
+        else:
+            context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
+            rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
+            outputs, rnn_state = self.rnn(rnn_in, state.as_rnn_state())  # (B, T, H)
+            new_state = DecoderState.from_rnn_state(rnn_state)
+        readout, weights = self.attention(outputs, enc)
+        fused = torch.cat([outputs, readout.to(outputs.dtype), emb], dim=-1)
+        hidden = self.dropout(torch.tanh(self.deep_output(fused)))  # (B, T, E)
+        return hidden, new_state, weights
+
+    def forward(
+        self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """``features`` then vocabulary scores (B, T, V): logits, or log-probs for the
+        two-level softmax. Returns the scores, the new state and attention (B, T, S)."""
         hidden, new_state, weights = self.features(prev_tokens, state, enc)
         return self.scores(hidden), new_state, weights
 
@@ -353,38 +345,6 @@ class Decoder(nn.Module):
         if self.tail is None:
             return self.generator(hidden)
         return softmax.log_probs(hidden, self.generator, self.tail, self.softmax_head)
-
-    def top(
-        self,
-        hidden: Tensor,
-        *,
-        width: int,
-        must_end: Tensor,
-        eos_id: int,
-        offsets: Tensor | None = None,
-        keep: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """Each row's ``width`` best pieces and their log-probs, from (N, E); rows in
-        ``must_end`` get EOS first and ``-inf`` after it. ``offsets`` and ``keep``:
-        see ``Seq2Seq.top_step``."""
-        if self.tail is not None and eos_id < self.softmax_head and width <= self.softmax_head:
-            return softmax.top(
-                hidden,
-                self.generator,
-                self.tail,
-                self.softmax_head,
-                width=width,
-                must_end=must_end,
-                eos_id=eos_id,
-                offsets=offsets,
-                keep=keep,
-            )
-        if self.tail is None:
-            return softmax.top_full(
-                hidden, self.generator, width=width, must_end=must_end, eos_id=eos_id
-            )
-        log_probs = self.scores(hidden)
-        return softmax.top_of(log_probs, width=width, must_end=must_end, eos_id=eos_id)
 
     def loss(
         self, hidden: Tensor, target: Tensor, *, pad_id: int, label_smoothing: float
@@ -406,143 +366,32 @@ class Decoder(nn.Module):
             label_smoothing=label_smoothing,
         )
 
-    def features(
-        self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
-    ) -> tuple[Tensor, DecoderState, Tensor]:
-        """``forward`` up to the deep output: vectors (B, T, E) before the
-        vocabulary projection, the new state and attention (B, T, S)."""
-        if prev_tokens.size(1) == 1 and enc.values.size(-1) and not self.training:
-            return self._search_features(prev_tokens[:, 0], state, enc)
-        emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
-        if enc.context_gates.size(-1):
-            outputs = self._gru_steps(emb, state, enc.context_gates)
-            new_state = DecoderState(outputs[:, -1][None])
-        else:
-            context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
-            rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
-            outputs, rnn_state = self.rnn(rnn_in, state.as_rnn_state())  # (B, T, H)
-            new_state = DecoderState.from_rnn_state(rnn_state)
-        readout, weights = self.attention(outputs, enc)
-        fused = torch.cat([outputs, readout.to(outputs.dtype), emb], dim=-1)
-        hidden = self.dropout(torch.tanh(self.deep_output(fused)))  # (B, T, E)
-        return hidden, new_state, weights
-
-    def _search_features(
-        self, prev: Tensor, state: DecoderState, enc: EncoderOutput
-    ) -> tuple[Tensor, DecoderState, Tensor]:
-        """``features`` for one step of a one-layer GRU decoder in eval mode (search).
-
-        The same function as the general path, with every product that depends only
-        on the previous token read from ``_token_table``: its share of the input
-        gates and of the deep output, about a fifth of a step's multiply-adds at
-        the recipe's sizes (0.9 of 4.3 MFLOP per hypothesis, before
-        ``readout_values`` took a further 0.26 off the step).
-        """
-        by_token = self._token_table().index_select(0, prev)  # (N, 3H + E)
-        gate_size = 3 * self.rnn.hidden_size
-        gates = by_token[:, :gate_size].to(enc.context_gates.dtype) + enc.context_gates
-        hidden = state.hidden[0]
-        gates_h = F.linear(hidden, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        *_, new_hidden = gru_cell(gates, gates_h, hidden)
-        readout, weights = self.attention(new_hidden[:, None], enc, enc.values)
-        # The deep output's three shares: the state's (here), the read-out's
-        # (already projected: ``enc.values``) and the previous token's with the bias.
-        weight = self.deep_output.weight[:, : new_hidden.size(-1)]
-        out = torch.addmm(by_token[:, gate_size:].to(new_hidden.dtype), new_hidden, weight.t())
-        out = torch.tanh(out.add_(readout[:, 0].to(out.dtype)))
-        return out[:, None], DecoderState(new_hidden[None]), weights
-
-    @property
-    def _one_layer_gru(self) -> bool:
-        """Whether the recurrence is ``gru.py``'s, reading c's share precomputed."""
-        return self.cell == "gru" and self.layers == 1
-
-    def readout_values(self, states: Tensor, context: Tensor) -> Tensor:
-        """``EncoderOutput.values``: (B, S, E), or (B, 1, E) without attention, for
-        search's own step; (B, 0, 0) where it does not apply (training mode, other
-        RNNs).
-
-        Why: the deep output reads the attention read-out through ``W_o[:, H:2H]``,
-        and a read-out is a weighted sum of states, so projecting each state once
-        per sentence makes a step's read-out E wide instead of H (the recipe's
-        256 against 512) and removes that share of the deep output's product
-        from every step: about 6% of a step's multiply-adds at the recipe's sizes.
-        """
-        if self.training or not self._one_layer_gru:
-            return states.new_zeros(states.size(0), 0, 0)
-        hidden = self.rnn.hidden_size
-        weight = self.deep_output.weight[:, hidden : 2 * hidden]
-        source = context[:, None] if self.attention.kind == "none" else states
-        return F.linear(source, weight.to(source.dtype))
-
-    def train(self, mode: bool = True) -> Decoder:
-        """Also forgets search's token table when training (re)starts: a fused
-        optimiser updates the weights without bumping their version counters."""
-        if mode:
-            self._table = None
-        return super().train(mode)
-
-    def _token_table(self) -> Tensor:
-        """(V, 3H + E): each target token's share of the GRU's input gates
-        (``W_ih[:, :E] y``) and of the deep output (``W_o[:, 2H:] y + b_o``).
-
-        Why: in search a step's previous token is one of V, so these products are
-        computed once for the whole vocabulary (about 100 ms and 8,000 x 1,792 floats
-        at the recipe's sizes) and gathered per step. It is rebuilt after the
-        model was in training mode (optimiser steps between validations) and when
-        a parameter changed in eval mode (a loaded state dict, a move to another
-        device), which its key of storage and version counter catches.
-        """
-        params = (
-            self.embed.weight,
-            self.rnn.weight_ih_l0,
-            self.deep_output.weight,
-            self.deep_output.bias,
-        )
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if self._table is None or key != self._table_key:
-            emb_size, hidden_size = self.embed.embedding_dim, self.rnn.hidden_size
-            with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
-                weight = torch.cat(
-                    [
-                        self.rnn.weight_ih_l0[:, :emb_size],
-                        self.deep_output.weight[:, 2 * hidden_size :],
-                    ]
-                )
-                bias = torch.cat([weight.new_zeros(3 * hidden_size), self.deep_output.bias])
-                self._table = torch.addmm(bias, self.embed.weight, weight.t())
-            self._table_key = key
-        return self._table
-
     def context_gates(self, context: Tensor) -> Tensor:
-        """The context vector's share of the input gates, ``W_ih[:, E:] c + b_ih``.
+        """(B, 3H) the context vector's share of a one-layer GRU's input gates,
+        ``W_ih[:, E:] c + b_ih``.
 
-        Why: c is the same at every step, so search and the teacher-forced pass
-        compute this product once per sentence instead of once per step (it is two
-        thirds of the GRU's input projection at the default sizes). Only for a
-        one-layer GRU; (B, 0) otherwise.
+        Why: c is the same at every step, so this product (two thirds of the GRU's
+        input projection) is computed once per sentence instead of once per step.
         """
-        if not self._one_layer_gru:
-            return context.new_zeros(context.size(0), 0)
         emb_size = self.embed.embedding_dim
-        weight = self.rnn.weight_ih_l0[:, emb_size:]
-        return F.linear(context.to(weight.dtype), weight, self.rnn.bias_ih_l0)
+        weight = self.layer_weight("weight_ih")[:, emb_size:]
+        return F.linear(context.to(weight.dtype), weight, self.layer_weight("bias_ih"))
 
     def _gru_steps(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> Tensor:
-        """All T steps of the one-layer GRU at once (teacher forcing): (B, T, H).
+        """All T steps of the one-layer GRU at once: (B, T, H).
 
         The input gates of every step come from one matmul over the embeddings
         plus c's share, computed once per sentence (``seq2seq.gru`` says why).
         Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
         """
-        weight = self.rnn.weight_ih_l0[:, : self.embed.embedding_dim]
+        weight = self.layer_weight("weight_ih")[:, : self.embed.embedding_dim]
         gates_x = F.linear(emb, weight) + context_gates[:, None]  # W_ih[:, :E] emb + c's share
         dtype = gates_x.dtype
         return gru_recurrence(
             gates_x,
             state.hidden[0].to(dtype),
-            self.rnn.weight_hh_l0.to(dtype),
-            self.rnn.bias_hh_l0.to(dtype),
+            self.layer_weight("weight_hh").to(dtype),
+            self.layer_weight("bias_hh").to(dtype),
         )
 
 
@@ -550,66 +399,29 @@ class Decoder(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    """Encoder, context vector and attentional decoder, with a search API.
+    """Encoder, context vector and attentional decoder.
 
-    ``forward`` is the teacher-forced pass used in training; ``encode``,
-    ``init_state`` and ``decode_step`` are the incremental API used by
-    ``seq2seq.search``. Both paths compute the same scores for the same inputs.
+    ``forward`` and ``loss`` are the teacher-forced pass used in training;
+    ``encode``, ``init_state`` and ``decode_step`` run it one step at a time.
+    Both paths compute the same scores for the same inputs.
     """
 
-    def __init__(
-        self,
-        src_vocab: int,
-        tgt_vocab: int,
-        *,
-        pad_id: int,
-        embedding_size: int = 256,
-        hidden_size: int = 512,
-        encoder_layers: int = 1,
-        decoder_layers: int = 1,
-        cell: Cell = "gru",
-        attention: AttentionKind = "bahdanau",
-        attention_size: int = 256,
-        dropout: float = 0.3,
-        tie_embeddings: bool = True,
-        share_embeddings: bool = False,
-        softmax_head: int = 0,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, *, src_vocab: int, tgt_vocab: int, pad_id: int) -> None:
         super().__init__()
-        if share_embeddings and src_vocab != tgt_vocab:
+        if cfg.share_embeddings and src_vocab != tgt_vocab:
             raise ValueError(
                 f"model.share_embeddings needs one vocabulary for both sides "
                 f"(source {src_vocab}, target {tgt_vocab}); use tokenizer.joint=true"
             )
-        if hidden_size % 2:
-            raise ValueError(f"model.hidden_size={hidden_size} must be even (H/2 per direction)")
-        if cell not in _RNN_CLASSES:
-            raise ValueError(f"model.cell={cell!r}; choose one of {', '.join(_RNN_CLASSES)}")
+        if cfg.hidden_size % 2:
+            raise ValueError(
+                f"model.hidden_size={cfg.hidden_size} must be even (H/2 per direction)"
+            )
         self.pad_id = pad_id
-        self.encoder = Encoder(
-            src_vocab,
-            embedding_size,
-            hidden_size=hidden_size,
-            layers=encoder_layers,
-            cell=cell,
-            dropout=dropout,
-            pad_id=pad_id,
-        )
-        self.bridge = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(
-            tgt_vocab,
-            embedding_size,
-            hidden_size=hidden_size,
-            layers=decoder_layers,
-            cell=cell,
-            attention=attention,
-            attention_size=attention_size,
-            dropout=dropout,
-            tie_embeddings=tie_embeddings,
-            softmax_head=softmax_head,
-            pad_id=pad_id,
-        )
-        if share_embeddings:
+        self.encoder = Encoder(cfg, src_vocab, pad_id=pad_id)
+        self.bridge = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.decoder = Decoder(cfg, tgt_vocab, pad_id=pad_id)
+        if cfg.share_embeddings:
             # One table for source, target (and, tied, the output layer): names,
             # numbers and cognates spelled alike in both languages learn once.
             self.encoder.embed.weight = self.decoder.embed.weight
@@ -620,22 +432,7 @@ class Seq2Seq(nn.Module):
         cls, cfg: ModelConfig, *, src_vocab: int, tgt_vocab: int, pad_id: int
     ) -> Seq2Seq:
         """Build from the model config; vocabulary sizes come from the tokenizer."""
-        return cls(
-            src_vocab,
-            tgt_vocab,
-            pad_id=pad_id,
-            embedding_size=cfg.embedding_size,
-            hidden_size=cfg.hidden_size,
-            encoder_layers=cfg.encoder_layers,
-            decoder_layers=cfg.decoder_layers,
-            cell=cfg.cell,
-            attention=cfg.attention,
-            attention_size=cfg.attention_size,
-            dropout=cfg.dropout,
-            tie_embeddings=cfg.tie_embeddings,
-            share_embeddings=cfg.share_embeddings,
-            softmax_head=cfg.softmax_head,
-        )
+        return cls(cfg, src_vocab=src_vocab, tgt_vocab=tgt_vocab, pad_id=pad_id)
 
     def reset_parameters(self) -> None:
         """Uniform(-0.1, 0.1) everywhere, zero padding embeddings.
@@ -650,8 +447,7 @@ class Seq2Seq(nn.Module):
             self.decoder.embed.weight[self.pad_id].zero_()
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
-        """Encode once per batch: states, key projections, mask, context c and c's
-        share of the decoder's input gates (read by every decoder step).
+        """Encode once per batch: states, key projections, mask and context c.
 
         Args:
             src: (B, S) token ids, padded with ``pad_id``.
@@ -659,14 +455,11 @@ class Seq2Seq(nn.Module):
         """
         states, final = self.encoder(src, src_lengths)
         mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
-        context = torch.tanh(self.bridge(final))
         return EncoderOutput(
             states=states,
             keys=self.decoder.attention.keys(states),
             mask=mask,
-            context=context,
-            context_gates=self.decoder.context_gates(context),
-            values=self.decoder.readout_values(states, context),
+            context=torch.tanh(self.bridge(final)),
         )
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
@@ -676,7 +469,10 @@ class Seq2Seq(nn.Module):
     def decode_step(
         self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput
     ) -> tuple[Tensor, DecoderState, Tensor]:
-        """One search step.
+        """One decoder step: the teacher-forced computation for T = 1.
+
+        Search runs the same function through ``seq2seq.inference``, which reads
+        the frozen weights with the token-only products precomputed.
 
         Args:
             prev_tokens: (N,) the previous token of each hypothesis.
@@ -684,49 +480,11 @@ class Seq2Seq(nn.Module):
             enc: encoder output with N rows.
 
         Returns:
-            scores (N, V) (logits, or log-probs for the two-level softmax; search
-            normalises only the scores it keeps), the new state, attention (N, S).
+            scores (N, V) (logits, or log-probs for the two-level softmax), the new
+            state, attention (N, S).
         """
         logits, state, weights = self.decoder(prev_tokens[:, None], state, enc)
         return logits[:, 0], state, weights[:, 0]
-
-    def top_step(
-        self,
-        prev_tokens: Tensor,
-        state: DecoderState,
-        enc: EncoderOutput,
-        *,
-        width: int,
-        must_end: Tensor,
-        eos_id: int,
-        offsets: Tensor | None = None,
-        keep: int = 0,
-    ) -> tuple[Tensor, Tensor, DecoderState, Tensor]:
-        """One search step that returns only each row's ``width`` best next pieces.
-
-        Why a step of its own: search reads no more than that (greedy 1, beam
-        search K + 1), and the two-level softmax finds them without scoring most
-        of the vocabulary (``seq2seq.softmax.top``).
-
-        Args:
-            prev_tokens: (N,) the previous token of each row.
-            must_end: (N,) bool, rows whose next token must be EOS.
-            offsets: optional (G, k): each row's log-prob so far, rows in groups of k
-                (a sentence's beams). Then a row's pieces are exact only as far as
-                search reads them: every (row, piece) whose offset plus log-prob
-                ranks among its group's ``keep`` best non-EOS sums, or is an EOS
-                ranked above them, is returned.
-            keep: see ``offsets``.
-
-        Returns:
-            log-probs (N, width) and pieces (N, width), best first (EOS then
-            ``-inf`` where ``must_end``), the new state, attention (N, S).
-        """
-        hidden, state, weights = self.decoder.features(prev_tokens[:, None], state, enc)
-        scores, pieces = self.decoder.top(
-            hidden[:, 0], width=width, must_end=must_end, eos_id=eos_id, offsets=offsets, keep=keep
-        )
-        return scores, pieces, state, weights[:, 0]
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over whole target sequences.

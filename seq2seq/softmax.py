@@ -1,10 +1,9 @@
 """A two-level softmax over the vocabulary that makes training's output layer cheap.
 
-Why: at the Multi30k recipe's sizes (8,000 target pieces, 256-wide deep output)
-the vocabulary projection and its two gradients are about 45% of a training
-step's FLOPs, yet about 92% of target tokens are among the 2,000 most frequent
-pieces. With ``model.softmax_head = K`` the distribution is factorised
-(Goodman, 2001; Grave et al., 2017, "adaptive softmax"):
+Why: the vocabulary projection and its gradients are a large share of a training
+step, yet most target tokens are among the few most frequent pieces. With
+``model.softmax_head = K`` the distribution is factorised (Goodman, 2001; Grave et
+al., 2017, "adaptive softmax"):
 
     p(v) = p_head(v)                      for the K head pieces (ids < K)
     p(v) = p_head(tail) * p_tail(v)       for the other V - K pieces
@@ -18,23 +17,20 @@ The head is the K lowest ids: SentencePiece numbers its pieces by score, which
 follows frequency (the specials come first). Both levels read the same
 deep-output vector and the same rows of the (tied) output embeddings and bias;
 the tail class has its own vector and bias. ``log_probs`` returns the whole
-normalised distribution, so search, ensembles and validation loss use it like
-any other scores; ``top`` finds each row's best pieces for search while
-scoring the tail only for rows where a tail piece could be among them. Label smoothing applies
-within each level.
+normalised distribution (validation loss, ensembles); ``TwoLevelScores`` gives
+search the head at once and a row's tail only where asked, and ``FullScores``
+the same interface for a full softmax. Label smoothing applies within each level.
 """
 
 from __future__ import annotations
 
-import math
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq.loss import smoothed_nll
-
-NEG_INF = -math.inf
 
 
 def _head_logits(hidden: Tensor, generator: nn.Linear, tail: nn.Linear, head: int) -> Tensor:
@@ -97,135 +93,129 @@ def loss(
     return total, int(real.sum())
 
 
-def top(
-    hidden: Tensor,
-    generator: nn.Linear,
-    tail: nn.Linear,
-    head: int,
-    *,
-    width: int,
-    must_end: Tensor,
-    eos_id: int,
-    offsets: Tensor | None = None,
-    keep: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Each row's ``width`` most probable pieces under ``log_probs``, best first; rows
-    in ``must_end`` get EOS first and ``-inf`` after it.
-
-    Why: a tail piece's probability is at most the tail class's, so the tail's
-    V - K scores (three quarters of the projection) are computed only for rows
-    where a tail piece could still matter. Without ``offsets`` that is a row
-    whose tail class beats its ``width``-th best head piece (greedy search). With
-    them, rows form groups (a sentence's beams), and search reads a group's
-    ``keep`` best non-EOS (row, piece) sums and the EOS sums above them. A tail
-    piece, never EOS, matters only if its offset plus log-prob could reach the
-    group's ``keep``-th best non-EOS head sum: below it, ``keep`` non-EOS head
-    sums beat it, and so does every EOS that ranks among the best ``keep``. The
-    results are exact for all that search reads while beams far behind skip the
-    tail: on Multi30k's test set at beam 5, 18% of the rows score it, against 28%
-    with EOS sums counted towards the floor and 65% with each row judged alone.
-
-    Args:
-        hidden: (N, E) deep-output vectors.
-        width: pieces per row, at most K.
-        must_end: (N,) bool, rows at their length budget.
-        eos_id: EOS, which must be a head piece.
-        offsets: optional (G, k) score added to each row's log-probs (a beam's
-            log-prob so far), rows grouped k at a time; ``-inf`` marks an empty row.
-        keep: with ``offsets``, how many best non-EOS (row, piece) sums per group
-            must be exact; so must every EOS sum above the last of them.
-
-    Returns:
-        log-probs (N, width) float32 and pieces (N, width) long.
-    """
-    if not 0 <= eos_id < head or width > head:
-        raise ValueError(f"EOS (id {eos_id}) and {width} pieces must fit in the {head} head")
-    head_scores = class_scores(hidden, generator.weight[:head], generator.bias[:head]).float()
-    tail_class = class_scores(hidden, tail.weight, tail.bias).float()[0]
-    norm = torch.logaddexp(head_scores.logsumexp(0), tail_class)
-    scores, pieces = _rank(head_scores, norm, width=width, must_end=must_end, eos_id=eos_id)
-    tail_lp = tail_class - norm
-    if offsets is None:  # greedy: a row's own best ``width``, EOS or not
-        offsets, keep, counted = torch.zeros_like(tail_lp)[:, None], width, scores
-    else:
-        counted = scores.masked_fill(pieces == eos_id, NEG_INF)
-    rows = _rows_needing_tail(counted, tail_lp, offsets, keep, must_end)
-    if rows.numel():
-        tail_scores = class_scores(hidden[rows], generator.weight[head:], generator.bias[head:])
-        tail_scores = tail_scores.float()
-        tail_best, tail_pieces = tail_scores.topk(min(width, tail_scores.size(0)), dim=0)
-        tail_best = tail_best - tail_scores.logsumexp(0) + tail_lp[rows]
-        merged, pick = torch.cat([scores[rows], tail_best.t()], -1).topk(width, dim=-1)
-        scores[rows] = merged
-        pieces[rows] = torch.cat([pieces[rows], tail_pieces.t() + head], -1).gather(1, pick)
-    return scores, pieces
-
-
-def _rows_needing_tail(
-    scores: Tensor, tail_lp: Tensor, offsets: Tensor, keep: int, must_end: Tensor
-) -> Tensor:
-    """(R,) rows whose best tail piece could reach their group's ``keep``-th best
-    sum of ``scores`` (the head's, ``-inf`` where they must not count).
-
-    Every tail piece of a row scores at most ``offset + tail_lp``; below that floor,
-    no tail piece can enter the group's best ``keep``.
-    """
-    groups, k = offsets.shape
-    sums = (offsets[:, :, None] + scores.view(groups, k, -1)).view(groups, -1)
-    floor = sums.topk(min(keep, sums.size(1)), dim=1).values[:, -1]
-    bound = offsets.reshape(-1) + tail_lp
-    need = torch.isfinite(bound) & (bound >= floor.repeat_interleave(k)) & ~must_end
-    return need.nonzero()[:, 0]
-
-
-def top_full(
-    hidden: Tensor, generator: nn.Linear, *, width: int, must_end: Tensor, eos_id: int
-) -> tuple[Tensor, Tensor]:
-    """``top`` for a full softmax over ``generator``'s classes, from (N, E) vectors."""
-    logits = class_scores(hidden, generator.weight, generator.bias).float()
-    return _rank(logits, logits.logsumexp(0), width=width, must_end=must_end, eos_id=eos_id)
-
-
-def _rank(
-    scores: Tensor, norm: Tensor, *, width: int, must_end: Tensor, eos_id: int
-) -> tuple[Tensor, Tensor]:
-    """Each row's ``width`` best classes of class-major scores (C, N) as log-probs
-    (minus ``norm``, (N,)) and ids, row-major (N, width); ``must_end`` as in ``top``."""
-    best, pieces = scores.topk(min(width, scores.size(0)), dim=0)
-    log_probs = (best - norm).t().contiguous()
-    return _end_where(must_end, log_probs, pieces.t().contiguous(), scores[eos_id] - norm, eos_id)
+# ------------------------------------------------------------------------ search time
 
 
 def class_scores(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """(C, N) scores of N vectors (N, E) against C classes, class-major.
 
-    Why class-major: for thousands of classes and tens to hundreds of rows (a
-    search step), MKL's ``W h^T`` ran about twice as fast as ``h W^T`` on a Zen 3
-    core pair (2.7 against 4.6 ms for 64 rows and 6,000 classes; 2.9 against
-    6.1 ms for 320 rows and 2,001), and ranking along dim 0 costs the same.
+    Why class-major: for thousands of classes and the tens to hundreds of rows of a
+    search step, MKL computes ``W h^T`` markedly faster than ``h W^T``, and ranking
+    along dim 0 costs the same.
     """
     return torch.addmm(bias[:, None], weight, hidden.t())
 
 
-def top_of(
-    log_probs: Tensor, *, width: int, must_end: Tensor, eos_id: int
-) -> tuple[Tensor, Tensor]:
-    """``top`` for a full softmax: rank the rows of an (N, V) log-prob table."""
-    scores, pieces = log_probs.topk(min(width, log_probs.size(-1)), dim=-1)
-    return _end_where(must_end, scores, pieces, log_probs[:, eos_id], eos_id)
+def _ranked(scores: Tensor, norm: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Each row's ``width`` best classes of class-major scores (C, N), row-major:
+    log-probs (scores minus ``norm``, (N,)) and ids, both (N, width)."""
+    best, ids = scores.topk(min(width, scores.size(0)), dim=0)
+    return (best - norm).t().contiguous(), ids.t().contiguous()
 
 
-def _end_where(
-    must_end: Tensor, scores: Tensor, pieces: Tensor, eos_scores: Tensor, eos_id: int
-) -> tuple[Tensor, Tensor]:
-    """Rows in ``must_end`` become EOS (its own log-prob) then ``-inf``; in place.
+class TwoLevelScores:
+    """One search step's distribution under the two-level softmax, scored on demand.
 
-    Only those rows are rewritten: building a full (N, V) mask every search step
-    cost about a tenth of decoding time, for rows almost never at their budget.
+    The head (pieces ``0..K-1``) and the tail class are scored for every row at once;
+    a row's tail pieces only when ``tail`` asks for that row. Every tail piece's
+    log-prob is at most the tail class's (``tail_bound``), which is what lets search
+    skip the tail where it cannot matter (``seq2seq.search`` owns that rule).
+
+    Args:
+        hidden: (N, E) deep-output vectors.
+        generator: the (V, E) output layer, with bias.
+        tail: the (1, E) tail class, with bias.
+        head: K, the number of head pieces.
     """
-    ends = must_end.nonzero()[:, 0]
-    if ends.numel():
-        scores[ends] = NEG_INF
-        scores[ends, 0] = eos_scores[ends]
-        pieces[ends, 0] = eos_id
-    return scores, pieces
+
+    def __init__(self, hidden: Tensor, generator: nn.Linear, tail: nn.Linear, head: int) -> None:
+        self.hidden = hidden
+        self.generator = generator
+        self.tail_class = tail
+        self.head_size = head
+
+    @cached_property
+    def _head(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Head scores (K, N) class-major, each row's log normaliser (N,) and its tail
+        class's log-prob (N,), all float32."""
+        head = self.head_size
+        weight, bias = self.generator.weight, self.generator.bias
+        scores = class_scores(self.hidden, weight[:head], bias[:head]).float()
+        tail = class_scores(self.hidden, self.tail_class.weight, self.tail_class.bias).float()[0]
+        norm = torch.logaddexp(scores.logsumexp(0), tail)
+        return scores, norm, tail - norm
+
+    def head(self, width: int) -> tuple[Tensor, Tensor]:
+        """Each row's ``width`` (at most K) best head pieces: log-probs and ids, (N, width)."""
+        scores, norm, _ = self._head
+        return _ranked(scores, norm, width)
+
+    def log_prob(self, token: int) -> Tensor:
+        """(N,) the log-prob of one piece in every row."""
+        scores, norm, tail_lp = self._head
+        if token < self.head_size:
+            return scores[token] - norm
+        tail_scores = self._tail_scores(self.hidden)
+        return tail_scores[token - self.head_size] - tail_scores.logsumexp(0) + tail_lp
+
+    def tail_bound(self) -> Tensor:
+        """(N,) an upper bound on the log-prob of every tail piece: the tail class's."""
+        return self._head[2]
+
+    def tail(self, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """The best ``width`` tail pieces of ``rows`` ((R,) long): log-probs and ids, (R, w)."""
+        tail_scores = self._tail_scores(self.hidden[rows])
+        best, ids = tail_scores.topk(min(width, tail_scores.size(0)), dim=0)
+        best = best - tail_scores.logsumexp(0) + self._head[2][rows]
+        return best.t(), ids.t() + self.head_size
+
+    def log_probs(self) -> Tensor:
+        """(N, V) every piece's log-prob, as ``log_probs`` computes them."""
+        return log_probs(self.hidden, self.generator, self.tail_class, self.head_size)
+
+    def _tail_scores(self, hidden: Tensor) -> Tensor:
+        """(V - K, R) the tail pieces' scores within the tail, class-major, float32."""
+        weight, bias = self.generator.weight, self.generator.bias
+        return class_scores(hidden, weight[self.head_size :], bias[self.head_size :]).float()
+
+
+class FullScores:
+    """One search step's distribution under a full softmax: every piece is in the head.
+
+    Args:
+        hidden: (N, E) deep-output vectors.
+        generator: the (V, E) output layer, with bias.
+    """
+
+    def __init__(self, hidden: Tensor, generator: nn.Linear) -> None:
+        self.hidden = hidden
+        self.generator = generator
+        self.head_size = generator.out_features
+
+    @cached_property
+    def _scores(self) -> tuple[Tensor, Tensor]:
+        """Class-major scores (V, N) and each row's log normaliser (N,), float32."""
+        scores = class_scores(self.hidden, self.generator.weight, self.generator.bias).float()
+        return scores, scores.logsumexp(0)
+
+    def head(self, width: int) -> tuple[Tensor, Tensor]:
+        """Each row's ``width`` best pieces: log-probs and ids, (N, width)."""
+        return _ranked(*self._scores, width)
+
+    def log_prob(self, token: int) -> Tensor:
+        """(N,) the log-prob of one piece in every row."""
+        scores, norm = self._scores
+        return scores[token] - norm
+
+    def tail_bound(self) -> None:
+        """No tail: ``head`` ranks every piece."""
+        return None
+
+    def tail(self, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """The tail is empty: (R, 0) log-probs and ids."""
+        empty = self.hidden.new_empty(rows.numel(), 0, dtype=torch.float32)
+        return empty, torch.empty_like(empty, dtype=torch.long)
+
+    def log_probs(self) -> Tensor:
+        """(N, V) every piece's log-prob."""
+        return torch.log_softmax(self.generator(self.hidden).float(), dim=-1)

@@ -61,13 +61,22 @@ def test_defaults_train_on_the_builtin_corpus_and_stop():
 
 @pytest.mark.parametrize("overrides", [[], ["optim=adamw", "tokenizer=bpe", "arch=luong"]])
 def test_corpus_recipe_is_not_undone_by_generic_groups(overrides):
-    """data/builtin.yaml sets vocabulary, sizes and learning rate for its corpus;
-    the generic tokenizer/optim/arch groups must not silently reset them."""
-    recipe = OmegaConf.load(CONF / "data" / "builtin.yaml")
+    """experiment/builtin_en_de.yaml (the default) sets vocabulary, sizes and learning
+    rate for its corpus; the generic tokenizer/optim/arch groups must not reset them."""
+    recipe = OmegaConf.load(CONF / "experiment" / "builtin_en_de.yaml")
     config = _compose("train", ["run_dir=x", *overrides])
     for group in ("tokenizer", "model", "optim", "train"):
         for key, value in recipe[group].items():
             assert config[group][key] == value, f"{group}.{key}"
+
+
+def test_without_the_default_recipe_the_general_defaults_apply():
+    files = [f"data.{s}.{side}=f" for s in ("train", "valid") for side in ("src", "tgt")]
+    config = OmegaConf.to_object(
+        _compose("train", ["run_dir=x", "~experiment", "data=files", *files])
+    )
+    assert config.data.format == "text"
+    assert (config.tokenizer.vocab_size, config.model.hidden_size) == (8000, 512)
 
 
 def test_command_line_beats_the_corpus_recipe():

@@ -51,15 +51,18 @@ def test_steps_score_with_the_mean_of_member_log_probs(tokenizer, pairs):
     src = torch.tensor([tokenizer.encode_src([pairs[0][0]])[0]])
     lengths = torch.tensor([src.size(1)])
     prev = torch.tensor([1])
+    searched = ensemble.for_search()
     with torch.no_grad():
-        enc = ensemble.encode(src, lengths)
-        scores, _, _ = ensemble.decode_step(prev, ensemble.init_state(enc), enc)
+        enc = searched.encode(src, lengths)
+        scores, _, _ = searched.step(prev, searched.init_state(enc), enc)
         each = []
         for m in members:
             m_enc = m.encode(src, lengths)
             logits, _, _ = m.decode_step(prev, m.init_state(m_enc), m_enc)
             each.append(torch.log_softmax(logits, dim=-1))
-    torch.testing.assert_close(scores, (each[0] + each[1]) / 2)
+    # search ranks the mean renormalised (the normalised geometric mean)
+    mean = (each[0] + each[1]) / 2
+    torch.testing.assert_close(scores.log_probs(), torch.log_softmax(mean, dim=-1))
     assert not torch.allclose(each[0], each[1])  # the members really differ
 
 

@@ -15,7 +15,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from seq2seq.search import Hypothesis, beam_search, greedy, length_penalty, max_lengths
+from seq2seq.search import (
+    Hypothesis,
+    LogProbs,
+    beam_search,
+    greedy,
+    length_penalty,
+    max_lengths,
+)
 
 # ------------------------------------------------------------------------ scripted decoder
 
@@ -79,9 +86,9 @@ class ScriptedDecoder:
     def init_state(self, enc: ScriptedEncoderOutput) -> ScriptedState:
         return ScriptedState(torch.zeros(enc.mask.size(0), 0, dtype=torch.long))
 
-    def decode_step(
+    def step(
         self, prev: Tensor, state: ScriptedState, enc: ScriptedEncoderOutput
-    ) -> tuple[Tensor, ScriptedState, Tensor]:
+    ) -> tuple[LogProbs, ScriptedState, Tensor]:
         fed = torch.cat([state.fed, prev[:, None]], dim=1)
         probs = torch.zeros(prev.size(0), self.vocab)
         for row, (table_id, history) in enumerate(
@@ -90,7 +97,7 @@ class ScriptedDecoder:
             for token, p in TABLES[table_id].get(tuple(history[1:]), DEFAULT).items():
                 probs[row, token] = p
         attention = enc.mask.float() / enc.mask.sum(dim=1, keepdim=True)
-        return probs.log(), ScriptedState(fed), attention
+        return LogProbs(probs.log()), ScriptedState(fed), attention
 
 
 def scripted_batch(*lengths: int, table_ids: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
@@ -300,6 +307,12 @@ class ToyRNN(torch.nn.Module):
         hidden = self.cell(torch.cat([self.embed(prev), context], dim=-1), state.hidden)
         logits = 2.0 * self.out(torch.cat([hidden, context], dim=-1))
         return logits.log_softmax(dim=-1), ToyState(hidden), attention
+
+    def step(
+        self, prev: Tensor, state: ToyState, enc: ToyEncoderOutput
+    ) -> tuple[LogProbs, ToyState, Tensor]:
+        log_probs, state, attention = self.decode_step(prev, state, enc)
+        return LogProbs(log_probs), state, attention
 
 
 def random_sentences(count: int, seed: int, max_len: int = 6) -> list[list[int]]:

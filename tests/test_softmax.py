@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq import softmax
+from seq2seq import inference, softmax
 from seq2seq.batching import collate
 from seq2seq.loss import masked_cross_entropy
-from seq2seq.search import beam_search, greedy
+from seq2seq.search import LogProbs, beam_search, greedy, next_tokens
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 from .conftest import lively_model, tiny_model
@@ -124,8 +124,32 @@ def test_head_must_leave_a_tail(tokenizer):
         tiny_model(tokenizer, softmax_head=tokenizer.tgt_vocab_size)
 
 
+class _Stepped:
+    """A `Searchable` whose single step scores the given vectors through ``make``."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def step(self, prev, state, enc):
+        return self.make(), state, torch.zeros(prev.size(0), 1)
+
+
+def _next(scores, width, must_end, eos, beam_scores=None):
+    rows = must_end.numel()
+    return next_tokens(
+        _Stepped(lambda: scores),
+        torch.zeros(rows, dtype=torch.long),
+        None,
+        None,
+        width=width,
+        must_end=must_end,
+        eos_id=eos,
+        beam_scores=beam_scores,
+    )[:2]
+
+
 @pytest.mark.parametrize("width", [1, 3])
-def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
+def test_greedy_reads_the_best_pieces_of_log_probs_and_obeys_must_end(width):
     generator, tail = _layers()
     with torch.no_grad():
         tail.bias.fill_(1.5)  # the tail class is likely: some rows need the tail
@@ -134,9 +158,8 @@ def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
     must_end[::7] = True
     eos = 2
     with torch.no_grad():
-        scores, pieces = softmax.top(
-            hidden, generator, tail, HEAD, width=width, must_end=must_end, eos_id=eos
-        )
+        two_level = softmax.TwoLevelScores(hidden, generator, tail, HEAD)
+        scores, pieces = _next(two_level, width, must_end, eos)
         full = softmax.log_probs(hidden, generator, tail, HEAD)
     expected_scores, expected_pieces = full.topk(width, dim=-1)
     free = ~must_end
@@ -150,7 +173,7 @@ def test_top_ranks_as_log_probs_does_and_obeys_must_end(width):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_top_with_offsets_is_exact_for_all_that_beam_search_reads(k):
+def test_beam_reads_exactly_what_full_scores_give(k):
     """Beam search reads each sentence's best ``keep`` non-EOS (beam score + log-prob)
     sums and every EOS sum above them: those must be exactly the sums over the full
     distribution, although rows far behind their group skip the tail."""
@@ -167,17 +190,8 @@ def test_top_with_offsets_is_exact_for_all_that_beam_search_reads(k):
     offsets[::5, 1:] = float("-inf")  # sentences with one live beam, as at the first step
     must_end = torch.zeros(groups * k, dtype=torch.bool)
     with torch.no_grad():
-        scores, pieces = softmax.top(
-            hidden,
-            generator,
-            tail,
-            HEAD,
-            width=width,
-            must_end=must_end,
-            eos_id=eos,
-            offsets=offsets,
-            keep=keep,
-        )
+        two_level = softmax.TwoLevelScores(hidden, generator, tail, HEAD)
+        scores, pieces = _next(two_level, width, must_end, eos, beam_scores=offsets)
         full_scores, full_pieces = softmax.log_probs(hidden, generator, tail, HEAD).topk(width)
 
     def read(row_scores: torch.Tensor, row_pieces: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -198,17 +212,64 @@ def test_top_with_offsets_is_exact_for_all_that_beam_search_reads(k):
         assert not torch.equal(pieces, full_pieces)
 
 
+@pytest.mark.parametrize(("eos", "width"), [(HEAD + 1, 2), (1, HEAD + 2)])
+def test_eos_in_the_tail_or_a_width_beyond_the_head_ranks_every_piece(eos, width):
+    generator, tail = _layers()
+    hidden = torch.randn(20, WIDTH)
+    must_end = torch.zeros(20, dtype=torch.bool)
+    must_end[::3] = True
+    with torch.no_grad():
+        two_level = softmax.TwoLevelScores(hidden, generator, tail, HEAD)
+        scores, pieces = _next(two_level, width, must_end, eos)
+        full = softmax.log_probs(hidden, generator, tail, HEAD)
+    free = ~must_end
+    expected_scores, expected_pieces = full.topk(width, dim=-1)
+    assert torch.equal(pieces[free], expected_pieces[free])
+    torch.testing.assert_close(scores[free], expected_scores[free])
+    assert (pieces[must_end, 0] == eos).all()
+    torch.testing.assert_close(scores[must_end, 0], full[must_end, eos])
+
+
+def test_scores_for_search_are_the_distribution_of_log_probs():
+    generator, tail = _layers()
+    hidden = torch.randn(6, WIDTH)
+    with torch.no_grad():
+        two_level = softmax.TwoLevelScores(hidden, generator, tail, HEAD)
+        full = softmax.log_probs(hidden, generator, tail, HEAD)
+        torch.testing.assert_close(two_level.log_probs(), full)
+        for token in (0, HEAD - 1, HEAD, VOCAB - 1):
+            torch.testing.assert_close(two_level.log_prob(token), full[:, token])
+        bound = two_level.tail_bound()
+        assert (full[:, HEAD:] <= bound[:, None] + 1e-6).all()
+        rows = torch.tensor([4, 1])
+        tail_scores, tail_pieces = two_level.tail(rows, 3)
+        expected = full[rows, HEAD:].topk(3, dim=-1)
+        torch.testing.assert_close(tail_scores, expected.values)
+        assert torch.equal(tail_pieces, expected.indices + HEAD)
+        one_level = softmax.FullScores(hidden, generator)
+        logits = generator(hidden).log_softmax(-1)
+        torch.testing.assert_close(one_level.log_probs(), logits)
+        best, ids = one_level.head(3)
+        torch.testing.assert_close(best, logits.topk(3).values)
+        assert torch.equal(ids, logits.topk(3).indices)
+        assert one_level.tail_bound() is None
+
+
 class _FullScoresOnly:
-    """The same model seen through ``decode_step`` alone: search ranks full scores."""
+    """The same model seen through its full scores: search ranks every piece."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.encode, self.init_state = model.encode, model.init_state
-        self.decode_step = model.decode_step
+        self.searched = inference.build(model)
+        self.encode, self.init_state = self.searched.encode, self.searched.init_state
+
+    def step(self, prev, state, enc):
+        scores, state, attn = self.searched.step(prev, state, enc)
+        return LogProbs(scores.log_probs()), state, attn
 
 
 @pytest.mark.parametrize("beam", [1, 5])
 def test_pruned_search_equals_search_over_full_scores(tokenizer, pairs, beam):
-    """``top_step`` skips the tail where it cannot matter: the same outputs."""
+    """Search skips the tail where it cannot matter: the same outputs."""
     model = lively_model(tokenizer, softmax_head=10, seed=4)
     with torch.no_grad():  # measured: then search picks from both levels
         model.decoder.tail.bias.add_(4.5)
@@ -216,7 +277,7 @@ def test_pruned_search_equals_search_over_full_scores(tokenizer, pairs, beam):
     batch = collate([(s, [5]) for s in src])
     ids = {"bos_id": BOS_ID, "eos_id": EOS_ID, "max_len_a": 1.2, "max_len_b": 3}
     outputs = []
-    for searched in (model, _FullScoresOnly(model)):
+    for searched in (inference.build(model), _FullScoresOnly(model)):
         if beam == 1:
             hyps = greedy(searched, batch.src, batch.src_lengths, **ids)
         else:

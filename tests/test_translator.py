@@ -13,6 +13,7 @@ from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.device import pick_device
 from seq2seq.search import beam_search
 from seq2seq.tokenizer import BOS_ID, EOS_ID
+from seq2seq.trainer import greedy_bleu
 from seq2seq.translator import TextHypothesis, Translator, check_decode
 
 from .conftest import lively_model
@@ -82,12 +83,12 @@ def test_long_line_is_translated_truncated(model, tokenizer, pairs):
     assert len(hyp.src_pieces) == LIMIT
 
 
-def test_empty_input_gives_no_hypotheses_and_no_model_call(model, tokenizer):
-    class Exploding(torch.nn.Module):
-        def encode(self, *args):
-            raise AssertionError("the model was called")
+def test_empty_input_gives_no_hypotheses_and_no_model_call(model, tokenizer, monkeypatch):
+    def explode(*args):
+        raise AssertionError("the model was called")
 
-    translator = Translator(Exploding(), tokenizer, DecodeConfig())  # type: ignore[arg-type]
+    translator = Translator(model, tokenizer, DecodeConfig())
+    monkeypatch.setattr(translator.searched, "encode", explode)
     assert translator.hypotheses(["", "  ", "\t"]) == [[], [], []]
     assert translator.translate([]) == []
 
@@ -168,7 +169,14 @@ def test_beam_1_equals_greedy(model, tokenizer, sentences):
     greedy_tokens = [hs[0].tokens for hs in translator.search_ids(ids)]
     src, lengths = pad(ids)
     beam = beam_search(
-        model, src, lengths, beam_size=1, bos_id=BOS_ID, eos_id=EOS_ID, max_len_a=1.0, max_len_b=5
+        translator.searched,
+        src,
+        lengths,
+        beam_size=1,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        max_len_a=1.0,
+        max_len_b=5,
     )
     assert greedy_tokens == [hs[0].tokens for hs in beam]
 
@@ -229,6 +237,7 @@ def test_with_decode_shares_the_model(model, tokenizer):
     translator = make(model, tokenizer, beam_size=5, nbest=3)
     greedy = translator.with_decode(beam_size=1, nbest=1)
     assert greedy.model is model
+    assert greedy.searched is translator.searched  # built once, from the same weights
     assert (greedy.decode.beam_size, greedy.decode.nbest) == (1, 1)
     assert greedy.decode.max_input_tokens == LIMIT
 
@@ -252,3 +261,13 @@ def test_pick_device():
     assert pick_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="choose one of auto, cpu, cuda"):
         pick_device("gpu")
+
+
+def test_validation_bleu_reads_only_the_first_valid_max_sentences(model, tokenizer, sentences):
+    """``train.valid_max_sentences``: validation scores greedy output on that many
+    sentences (all of them when 0)."""
+    translator = make(model, tokenizer, beam_size=3, max_len_b=12)
+    greedy_lines = translator.with_decode(beam_size=1, nbest=1).translate(sentences)
+    refs = greedy_lines[:3] + ["nothing like it"] * (len(sentences) - 3)
+    assert greedy_bleu(translator, sentences, refs, limit=3) == pytest.approx(100.0)
+    assert greedy_bleu(translator, sentences, refs, limit=0) < 50.0
