@@ -15,7 +15,7 @@ from pathlib import Path
 from seq2seq import bundle as bundle_io
 from seq2seq import distributed
 from seq2seq.config import TrainApp, TrainingConfig
-from seq2seq.corpus import load_corpus
+from seq2seq.corpus import load_split
 from seq2seq.device import pick_device
 from seq2seq.trainer import FitResult, Reporter, Trainer, append_record, greedy_bleu
 from seq2seq.translator import Translator
@@ -74,7 +74,7 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
     best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
     device = pick_device(t.device)
     loaded = bundle_io.load(best, device=device)
-    valid = load_corpus(config.data)["valid"]
+    valid = load_split(config.data, "valid")
     translator = Translator(loaded.model, loaded.tokenizer, config.decode, device=device)
     score = greedy_bleu(
         translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences

@@ -24,7 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from seq2seq.cli import expected_errors, register_configs, to_app
+from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import ServeApp, conf_dir
 from seq2seq.translator import Translator
 
@@ -74,9 +74,14 @@ def run(config: ServeApp) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="serve")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     with expected_errors():
-        run(to_app(cfg, ServeApp, required=("model",)))
+        run(to_app(cfg, ServeApp, required={"model": "BUNDLE"}))
+
+
+def main() -> None:
+    """Console entry point: ``seq2seq-serve``."""
+    run_hydra(_app)
 
 
 if __name__ == "__main__":
