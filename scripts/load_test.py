@@ -48,7 +48,7 @@ class Outcome:
 
     clients: int
     seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # answered requests, seconds
+    latencies: dict[str, list[float]] = field(default_factory=dict)  # by status, seconds
     statuses: dict[str, int] = field(default_factory=dict)
     sentences: int = 0  # translated (status 200)
     sent: int = 0
@@ -59,14 +59,15 @@ class Outcome:
         if status is None:
             self.unanswered += 1
             return
-        self.latencies.append(latency)
         name = str(status) if status in (200, 503, 504) else "other"
+        self.latencies.setdefault(name, []).append(latency)
         self.statuses[name] = self.statuses.get(name, 0) + 1
         if status == 200:
             self.sentences += sentences
 
     def report(self, phase: str) -> dict[str, object]:
         ok = self.statuses.get("200", 0)
+        answered = [t for times in self.latencies.values() for t in times]
         return {
             "phase": phase,
             "clients": self.clients,
@@ -75,7 +76,8 @@ class Outcome:
             "requests_per_s": round(self.sent / self.seconds, 2),
             "ok_per_s": round(ok / self.seconds, 2),
             "sentences_per_s": round(self.sentences / self.seconds, 2),
-            **{f"p{q}_ms": _percentile(self.latencies, q) for q in (50, 95, 99)},
+            **{f"p{q}_ms": _percentile(answered, q) for q in (50, 95, 99)},
+            "p50_ms_by_status": {k: _percentile(v, 50) for k, v in sorted(self.latencies.items())},
             "status": dict(sorted(self.statuses.items())),
             "unanswered": self.unanswered,
             "all_answered": self.unanswered == 0,
