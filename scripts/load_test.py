@@ -48,25 +48,29 @@ class Outcome:
 
     clients: int
     seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # answered requests, seconds
+    latencies: dict[str, list[float]] = field(default_factory=dict)  # by status, seconds
     statuses: dict[str, int] = field(default_factory=dict)
     sentences: int = 0  # translated (status 200)
     sent: int = 0
     unanswered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # why, for unanswered requests
 
-    def record(self, status: int | None, latency: float, sentences: int) -> None:
+    def record(self, status: int | str, latency: float, sentences: int) -> None:
+        """One request's fate: an HTTP status, or the name of the client error."""
         self.sent += 1
-        if status is None:
+        if isinstance(status, str):
             self.unanswered += 1
+            self.errors[status] = self.errors.get(status, 0) + 1
             return
-        self.latencies.append(latency)
         name = str(status) if status in (200, 503, 504) else "other"
+        self.latencies.setdefault(name, []).append(latency)
         self.statuses[name] = self.statuses.get(name, 0) + 1
         if status == 200:
             self.sentences += sentences
 
     def report(self, phase: str) -> dict[str, object]:
         ok = self.statuses.get("200", 0)
+        answered = [t for times in self.latencies.values() for t in times]
         return {
             "phase": phase,
             "clients": self.clients,
@@ -75,9 +79,11 @@ class Outcome:
             "requests_per_s": round(self.sent / self.seconds, 2),
             "ok_per_s": round(ok / self.seconds, 2),
             "sentences_per_s": round(self.sentences / self.seconds, 2),
-            **{f"p{q}_ms": _percentile(self.latencies, q) for q in (50, 95, 99)},
+            **{f"p{q}_ms": _percentile(answered, q) for q in (50, 95, 99)},
+            "p50_ms_by_status": {k: _percentile(v, 50) for k, v in sorted(self.latencies.items())},
             "status": dict(sorted(self.statuses.items())),
             "unanswered": self.unanswered,
+            "errors": dict(sorted(self.errors.items())),
             "all_answered": self.unanswered == 0,
         }
 
@@ -140,9 +146,9 @@ async def run_phase(url: str, sentences: list[str], phase: Phase) -> Outcome:
                 sent = time.perf_counter()
                 try:
                     reply = await client.post("/translate", json={"q": lines, **phase.body})
-                    status: int | None = reply.status_code
-                except httpx.HTTPError:
-                    status = None
+                    status: int | str = reply.status_code
+                except httpx.HTTPError as e:
+                    status = type(e).__name__
                 outcome.record(status, time.perf_counter() - sent, len(lines))
 
         await asyncio.gather(*(one_client() for _ in range(phase.clients)))

@@ -5,8 +5,9 @@ idle between small matrix products; searching what several clients sent together
 costs little more than searching one sentence. Requests wait in one queue; whenever
 one of ``workers`` search threads is free, the batcher takes the oldest request and
 every waiting request with the same decoding settings (up to ``max_batch_sentences``
-sentences and ``max_batch_tokens`` source words), once the batch is full or
-``max_wait_ms`` after the last search ended, and searches them as one call to
+sentences and ``max_batch_tokens`` source words), once the batch is full, or the
+clients the last search answered are back, or ``max_wait_ms`` after it ended, and
+searches them as one call to
 `Translator.hypotheses` on that thread, so the event loop keeps accepting and
 rejecting requests meanwhile. Search treats every sentence independently of its
 batch-mates, so batching never changes a translation.
@@ -130,6 +131,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="seq2seq-search")
         self._running: set[asyncio.Task[None]] = set()
         self._last_finish = -math.inf  # event-loop time the last search ended
+        self._expected = 0  # sentences waiting then, plus those that search answered
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = Stats()
@@ -209,29 +211,33 @@ class Batcher:
                 continue
             await self._collect()
             if self._jobs:
-                task = asyncio.get_running_loop().create_task(self._search(self._take()))
+                batch = self._take()
+                task = asyncio.get_running_loop().create_task(self._search(batch))
                 self._running.add(task)
-                task.add_done_callback(self._finished)
+                answered = sum(len(job.lines) for job in batch)
+                task.add_done_callback(partial(self._finished, answered=answered))
         while self._running:
             await asyncio.wait(set(self._running))
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[None], answered: int) -> None:
         self._running.discard(task)
         self._last_finish = asyncio.get_running_loop().time()
+        self._expected = self._waiting + answered
         self._wake.set()
 
     async def _collect(self) -> None:
-        """Wait until the oldest job's batch is full, or ``max_wait_ms`` after the last
-        search ended.
+        """Wait until the oldest job's batch is full, or the clients the last search
+        answered have sent their next requests, or ``max_wait_ms`` after it ended.
 
-        Why from the last search's end: the clients it just answered send their next
-        requests within moments; a batch started at once would leave them to the
-        following one, and batches would shrink to a fraction of the clients. A request
-        reaching an idle service (the last search ended long ago) starts at once.
+        Why: a batch started at once would leave those clients to the following one,
+        and batches would shrink to a fraction of the clients. A request reaching an
+        idle service (the last search ended long ago) starts at once.
         """
         loop = asyncio.get_running_loop()
         deadline = self._last_finish + self._config.max_wait_ms / 1000
         while self._jobs and not self._closing and not self._full():
+            if self._waiting >= self._expected:
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
