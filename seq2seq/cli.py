@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TypeVar, cast
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
@@ -129,4 +129,4 @@ def to_app(
     config = OmegaConf.to_object(cfg)
     if not isinstance(config, schema):  # type: ignore[arg-type]
         raise TypeError(f"expected {schema}, got {type(config)}")
-    return config
+    return cast(T, config)
