@@ -18,7 +18,7 @@ import torch
 
 from seq2seq import bundle, translate
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp, TranslateApp
-from seq2seq.distributed import World
+from seq2seq.distributed import RestartError, World, check_restartable
 from seq2seq.sharding import Shard, count_lines, parse_shard, plan
 
 from .conftest import ROOT, lively_model
@@ -247,3 +247,15 @@ def test_torchrun_translation_equals_one_process(bundle_dir, source, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "two.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt", "two.txt"], "parts removed"
+
+
+def test_a_restart_on_the_shared_store_is_refused_clearly(monkeypatch):
+    """torchrun's restarted workers cannot rejoin through the agent's shared store."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    check_restartable()  # the first attempt joins as usual
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(RestartError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    check_restartable()
