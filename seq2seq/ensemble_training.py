@@ -33,10 +33,9 @@ def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) ->
 
 
 def _trainer(config: TrainApp, *, run_dir: Path, reporter: Reporter | None) -> Trainer:
-    """`Trainer.from_config`, under torchrun on rank 0 first: it builds the caches
-    (tokenizer, token data) the other processes then load."""
-    with distributed.main_first(distributed.current()):
-        return Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
+    """`Trainer.from_config`, which under torchrun lets rank 0 build the caches
+    (tokenizer, token data) before the other processes load them."""
+    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
 
 
 def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
