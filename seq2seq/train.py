@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -20,6 +21,7 @@ from seq2seq.ensemble_training import fit
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
+BUILTIN_RECIPE = "builtin_en_de"
 
 
 class ProgressBar:
@@ -71,10 +73,22 @@ def _same_run_dir(run_dir: str) -> str:
     return chosen
 
 
+def check_recipe(config: TrainApp, recipe: str | None) -> None:
+    """The default recipe sizes the vocabulary and the model for the generated
+    corpus's number words; on another corpus it would train a toy model silently."""
+    if recipe == BUILTIN_RECIPE and config.data.format != "builtin":
+        raise ValueError(
+            f"data.format={config.data.format} with experiment={BUILTIN_RECIPE} (the default, "
+            f"a recipe for the built-in corpus): add '~experiment' to train with the general "
+            f"defaults, or choose a recipe with experiment=NAME"
+        )
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _app(cfg: DictConfig) -> None:
     with expected_errors(), closing(ProgressBar()) as bar:
         config = to_app(cfg, TrainApp)
+        check_recipe(config, HydraConfig.get().runtime.choices.get("experiment"))
         retain_freed_memory()
         t = config.train
         with distributed.process_group(backend=str(t.backend), timeout=t.timeout) as world:

@@ -418,3 +418,22 @@ def test_single_ref_override_becomes_a_list():
         "ref=[a,b]",
     ]
     assert evaluate.listify_ref(["ref=~/it's.txt"]) == ["ref=['~/it\\'s.txt']"]
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def test_own_corpus_under_the_builtin_recipe_is_refused(tmp_path):
+    """The default experiment sizes a toy model for generated number words; on a
+    user's corpus the run must say so instead of training it silently."""
+    files = [
+        f"data.{s}.{side}={tmp_path / 'x'}" for s in ("train", "valid") for side in ("src", "tgt")
+    ]
+    done = cli("train", f"run_dir={tmp_path / 'run'}", "data=files", *files, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().splitlines() == [
+        "error: data.format=text with experiment=builtin_en_de (the default, a recipe for the "
+        "built-in corpus): add '~experiment' to train with the general defaults, or choose a "
+        "recipe with experiment=NAME"
+    ]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
