@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from seq2seq import bundle
 from seq2seq.builtin import generate_pairs
-from seq2seq.config import ModelConfig, TokenizerConfig
+from seq2seq.config import ModelConfig, TokenizerConfig, TrainApp
 from seq2seq.model import Seq2Seq
 from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
 
@@ -76,3 +80,39 @@ def lively_model(tokenizer: Tokenizer, *, seed: int = 1, softmax_head: int = 0) 
         for p in model.parameters():
             p.mul_(10.0)
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved bundle of `lively_model`: what the apps load in their tests."""
+    config = TrainApp(
+        model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
+        run_dir="x",
+    )
+    path = tmp_path_factory.mktemp("bundle") / "model"
+    return bundle.save(path, model=lively_model(tokenizer), config=config, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def run_app(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """Call an app's ``main()`` in this process with ``args`` as its command line;
+    returns (exit code, stdout, stderr)."""
+
+    def run(main: Callable[[], None], *args: str) -> tuple[int, str, str]:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        monkeypatch.setattr(sys, "argv", ["app", *args])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            root.handlers[:], root.level = handlers, level  # Hydra configured logging
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

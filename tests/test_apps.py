@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,27 +79,6 @@ BASE = ["decode.beam_size=2", f"decode.max_input_tokens={LIMIT}"]
 
 
 # ------------------------------------------------------------------------------ runners
-
-
-@pytest.fixture
-def run_app(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
-    """Call an app's ``main()`` with ``args`` as the command line; returns (code, out, err)."""
-
-    def run(main: Callable[[], None], *args: str) -> tuple[int, str, str]:
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        monkeypatch.setattr(sys, "argv", ["app", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            root.handlers[:], root.level = handlers, level  # Hydra configured logging
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def cli(app: str, *args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:

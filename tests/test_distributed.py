@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from seq2seq import bundle, translate
-from seq2seq.config import DecodeConfig, ModelConfig, TrainApp, TranslateApp
+from seq2seq.config import DecodeConfig, TranslateApp
 from seq2seq.distributed import RestartError, World, check_restartable
 from seq2seq.sharding import Shard, count_lines, parse_shard, plan
 
-from .conftest import ROOT, lively_model
+from .conftest import ROOT
 
 # Two gloo processes may wait on each other at most this long (seconds), so a rank
 # that misses a decision fails the test quickly instead of hanging it.
@@ -142,16 +142,6 @@ def test_resume_under_two_processes_is_exact(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tokenizer, tmp_path_factory) -> Path:
-    config = TrainApp(
-        model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
-        run_dir="x",
-    )
-    path = tmp_path_factory.mktemp("bundle") / "model"
-    return bundle.save(path, model=lively_model(tokenizer), config=config, tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
 def source(pairs, tmp_path_factory) -> Path:
     """Eleven lines (shards of unequal size), an empty one among them, no final newline."""
     lines = [s for s, _ in pairs[:10]]
@@ -161,9 +151,9 @@ def source(pairs, tmp_path_factory) -> Path:
     return path
 
 
-def _translate(bundle_dir: Path, source: Path | None, output: Path, **options: object) -> None:
+def _translate(tiny_bundle: Path, source: Path | None, output: Path, **options: object) -> None:
     config = TranslateApp(
-        model=str(bundle_dir),
+        model=str(tiny_bundle),
         input=str(source) if source else None,
         output=str(output),
         decode=DecodeConfig(beam_size=3, nbest=2),
@@ -215,25 +205,25 @@ def test_plan_under_torchrun_gives_each_rank_its_range(source, tmp_path):
     assert (alone.start, alone.stop, alone.output) == (0, None, None)
 
 
-def test_shards_joined_in_order_equal_one_run(bundle_dir, source, tmp_path):
+def test_shards_joined_in_order_equal_one_run(tiny_bundle, source, tmp_path):
     """``shard=K/N`` outputs (n-best indices over the whole input, alignments) joined
     with ``cat`` are byte for byte the unsharded output."""
-    _translate(bundle_dir, source, tmp_path / "all.txt", alignments=str(tmp_path / "all.json"))
+    _translate(tiny_bundle, source, tmp_path / "all.txt", alignments=str(tmp_path / "all.json"))
     for k in (1, 2, 3):
         extra = {"shard": f"{k}/3", "alignments": str(tmp_path / f"al.{k}")}
-        _translate(bundle_dir, source, tmp_path / f"out.{k}", **extra)
+        _translate(tiny_bundle, source, tmp_path / f"out.{k}", **extra)
     for stem, whole in (("out", "all.txt"), ("al", "all.json")):
         joined = b"".join((tmp_path / f"{stem}.{k}").read_bytes() for k in (1, 2, 3))
         assert joined == (tmp_path / whole).read_bytes(), stem
     assert len(set((tmp_path / "all.txt").read_text().splitlines())) > 5  # not vacuous
     with pytest.raises(ValueError, match="stdin"):
-        _translate(bundle_dir, None, tmp_path / "x", shard="1/2")
+        _translate(tiny_bundle, None, tmp_path / "x", shard="1/2")
 
 
 @pytest.mark.slow
-def test_torchrun_translation_equals_one_process(bundle_dir, source, tmp_path):
-    _translate(bundle_dir, source, tmp_path / "one.txt")
-    args = [f"model={bundle_dir}", f"input={source}", "decode.beam_size=3", "decode.nbest=2"]
+def test_torchrun_translation_equals_one_process(tiny_bundle, source, tmp_path):
+    _translate(tiny_bundle, source, tmp_path / "one.txt")
+    args = [f"model={tiny_bundle}", f"input={source}", "decode.beam_size=3", "decode.nbest=2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node=2", "-m", "seq2seq.translate", *args]
     result = subprocess.run(

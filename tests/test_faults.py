@@ -38,7 +38,7 @@ from seq2seq.safe_output import OutputError, check_outputs, replace_on_success
 from seq2seq.tokenizer import SRC_FILE, TGT_FILE, cache_key, train_or_load
 from seq2seq.trainer import Trainer
 
-from .conftest import ROOT, lively_model
+from .conftest import ROOT
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -95,42 +95,9 @@ class Killed(BaseException):
     """Raised where a kill -9 would stop the process; the disk is left as it was."""
 
 
-@pytest.fixture
-def run_app(monkeypatch, capsys):
-    """Call an app's ``main()`` in this process; returns (exit code, stdout, stderr)."""
-    import logging
-
-    def run(main, *args: str) -> tuple[int, str, str]:
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level
-        monkeypatch.setattr(sys, "argv", ["app", *args])
-        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            root.handlers[:], root.level = handlers, level
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory) -> Path:
-    config = TrainApp(
-        model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
-        run_dir="x",
-    )
-    path = tmp_path_factory.mktemp("bundle") / "model"
-    return bundle.save(path, model=lively_model(tokenizer), config=config, tokenizer=tokenizer)
-
-
-def _copy_bundle(model_dir: Path, tmp_path: Path) -> Path:
+def _copy_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "hostile"
-    shutil.copytree(model_dir, copy)
+    shutil.copytree(tiny_bundle, copy)
     return copy
 
 
@@ -139,7 +106,7 @@ def _copy_bundle(model_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("spelling", ["same", "dot", "symlink"])
 def test_translate_refuses_output_that_is_its_input(
-    run_app, model_dir, tmp_path, monkeypatch, spelling
+    run_app, tiny_bundle, tmp_path, monkeypatch, spelling
 ):
     src = tmp_path / "in.txt"
     src.write_text("one\ntwo\n")
@@ -147,7 +114,7 @@ def test_translate_refuses_output_that_is_its_input(
     output = {"same": str(src), "dot": "./in.txt", "symlink": str(tmp_path / "link.txt")}
     (tmp_path / "link.txt").symlink_to(src)
     code, _, err = run_app(
-        translate.main, f"model={model_dir}", f"input={src}", f"output={output[spelling]}"
+        translate.main, f"model={tiny_bundle}", f"input={src}", f"output={output[spelling]}"
     )
     _one_error_line(code, err)
     assert "same file as input" in err
@@ -183,22 +150,22 @@ def test_output_to_a_device_writes_through_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
-def test_failed_translation_leaves_the_existing_output_untouched(run_app, model_dir, tmp_path):
+def test_failed_translation_leaves_the_existing_output_untouched(run_app, tiny_bundle, tmp_path):
     src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_bytes(b"fine\n\xff\xfe broken\n")
     dst.write_text("earlier results\n")
-    code, _, err = run_app(translate.main, f"model={model_dir}", f"input={src}", f"output={dst}")
+    code, _, err = run_app(translate.main, f"model={tiny_bundle}", f"input={src}", f"output={dst}")
     _one_error_line(code, err)
     assert "not valid UTF-8" in err
     assert dst.read_text() == "earlier results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
 
 
-def test_a_line_of_nul_bytes_is_an_empty_line(run_app, model_dir, tmp_path):
+def test_a_line_of_nul_bytes_is_an_empty_line(run_app, tiny_bundle, tmp_path):
     src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_bytes(b"one two\n\x00\x00\x00\n \x00 \t\n")
     code, _, err = run_app(
-        translate.main, f"model={model_dir}", f"input={src}", f"output={dst}", "scores=true"
+        translate.main, f"model={tiny_bundle}", f"input={src}", f"output={dst}", "scores=true"
     )
     assert code == 0, err
     lines = dst.read_text().split("\n")
@@ -209,12 +176,12 @@ def test_a_line_of_nul_bytes_is_an_empty_line(run_app, model_dir, tmp_path):
 # ------------------------------------------------------------- 7. evaluate's outputs
 
 
-def test_evaluate_refuses_to_overwrite_its_reference(run_app, model_dir, tmp_path, monkeypatch):
+def test_evaluate_refuses_to_overwrite_its_reference(run_app, tiny_bundle, tmp_path, monkeypatch):
     src, ref = tmp_path / "src.txt", tmp_path / evaluate.HYP_FILE
     src.write_text("one\ntwo\n")
     ref.write_text("eins\nzwei\n")
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_app(evaluate.main, f"model={model_dir}", f"src={src}", f"ref={ref}")
+    code, _, err = run_app(evaluate.main, f"model={tiny_bundle}", f"src={src}", f"ref={ref}")
     _one_error_line(code, err)
     assert "same file as ref 1" in err
     assert ref.read_text() == "eins\nzwei\n"
@@ -270,10 +237,10 @@ def test_hydra_full_error_keeps_the_traceback(monkeypatch):
     "override",
     ["decode.alpha=nan", "decode.alpha=-1", "decode.beam_size=100000", "decode.max_len_a=inf"],
 )
-def test_decode_values_are_checked(run_app, model_dir, tmp_path, override):
+def test_decode_values_are_checked(run_app, tiny_bundle, tmp_path, override):
     src = tmp_path / "in.txt"
     src.write_text("one\n")
-    code, out, err = run_app(translate.main, f"model={model_dir}", f"input={src}", override)
+    code, out, err = run_app(translate.main, f"model={tiny_bundle}", f"input={src}", override)
     _one_error_line(code, err)
     assert override.split("=")[0] in err and out == ""
 
@@ -294,9 +261,9 @@ def _edit_config(path: Path, edit) -> None:
         ("truncated", "truncated"),
     ],
 )
-def test_damaged_bundles_fail_with_one_line(run_app, model_dir, tmp_path, damage, message):
+def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, damage, message):
     """Each fails before a tensor of the model is allocated (``huge`` would need 120 GB)."""
-    path = _copy_bundle(model_dir, tmp_path)
+    path = _copy_bundle(tiny_bundle, tmp_path)
     if damage == "unknown_key":
         _edit_config(path, lambda raw: raw["model"].update(colour="blue"))
     elif damage == "wrong_shape":
@@ -333,18 +300,18 @@ def test_damaged_bundles_fail_with_one_line(run_app, model_dir, tmp_path, damage
         (["member1", "link"], "not a directory"),
     ],
 )
-def test_ensemble_members_are_plain_subdirectories(model_dir, tmp_path, members, message):
+def test_ensemble_members_are_plain_subdirectories(tiny_bundle, tmp_path, members, message):
     path = tmp_path / "ens"
     path.mkdir()
-    shutil.copytree(model_dir, path / "member1")
-    (path / "link").symlink_to(model_dir)
+    shutil.copytree(tiny_bundle, path / "member1")
+    (path / "link").symlink_to(tiny_bundle)
     (path / bundle.ENSEMBLE).write_text(json.dumps({"members": members}))
     with pytest.raises(bundle.BundleError, match=message):
         bundle.load(path)
 
 
-def test_bundle_files_must_be_inside_the_bundle(model_dir, tmp_path):
-    path = _copy_bundle(model_dir, tmp_path)
+def test_bundle_files_must_be_inside_the_bundle(tiny_bundle, tmp_path):
+    path = _copy_bundle(tiny_bundle, tmp_path)
     outside = tmp_path / "outside.spm"
     shutil.move(path / SRC_FILE, outside)
     (path / SRC_FILE).symlink_to(outside)
@@ -371,13 +338,13 @@ def _limit_memory() -> None:
 
 
 @pytest.mark.slow
-def test_unbounded_files_are_refused_without_reading(model_dir, tmp_path):
+def test_unbounded_files_are_refused_without_reading(tiny_bundle, tmp_path):
     """A device, a FIFO or an oversized file in a bundle is refused at once; loaded in
     a child with a memory limit and a timeout so that a regression cannot exhaust this
     machine or hang the suite."""
     paths = []
     for kind in ("dev_zero", "fifo", "huge_spm"):
-        path = shutil.copytree(model_dir, tmp_path / kind)
+        path = shutil.copytree(tiny_bundle, tmp_path / kind)
         (path / SRC_FILE).unlink()
         if kind == "dev_zero":
             (path / SRC_FILE).symlink_to("/dev/zero")
