@@ -67,6 +67,7 @@ TOKENIZER_SUMS = "tokenizer.json"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_SPM_BYTES = 64 << 20
 MAX_JSON_BYTES = 64 << 10
+MAX_MODEL_SLACK = 1 << 28  # bytes a config may describe beyond 64x its weights
 MAX_HEADER_BYTES = 16 << 20
 MEMBER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 
@@ -268,19 +269,41 @@ def _load_single(root: Path, *, device: str | torch.device) -> Bundle:
     """One model: schema-checked config, checked tokenizer, header-checked weights."""
     config = load_config(root)
     tokenizer = load_tokenizer(root)
+    _check_size(root, config, tokenizer)
     try:
-        with torch.device("meta"):
-            shapes = _model(config, tokenizer).state_dict()
+        model = _model(config, tokenizer)
     except (RuntimeError, ValueError, TypeError) as e:
         raise BundleError(f"{root / CONFIG}: the model it describes cannot be built: {e}") from e
-    weights = _check_weights(root, {k: tuple(v.shape) for k, v in shapes.items()}, tokenizer)
-    model = _model(config, tokenizer)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = _check_weights(root, shapes, tokenizer)
     try:
         load_model(model, str(weights), device=str(device))
     except (RuntimeError, OSError, ValueError) as e:
         raise BundleError(f"{weights} does not fit the model: {str(e)[:300]}") from e
     model.to(device).eval()
     return Bundle(config=config, tokenizer=tokenizer, model=model, path=root)
+
+
+def _check_size(root: Path, config: TrainApp, tokenizer: Tokenizer) -> None:
+    """Refuse a config that describes a model far larger than the weights file,
+    before a tensor of it is allocated.
+
+    Why a bound and not the exact count: building the model on the meta device
+    would give exact shapes, but its first use costs seconds of start-up. The
+    bound over-counts every layer, so a genuine bundle always passes it.
+    """
+    m = config.model
+    width = max(m.embedding_size, m.hidden_size, m.attention_size, 1)
+    vocab = tokenizer.src_vocab_size + 2 * tokenizer.tgt_vocab_size + 2
+    layers = m.encoder_layers + m.decoder_layers + 4
+    bound = 4 * (2 * vocab * width + 32 * layers * width * width)
+    weights = _regular_file(root, WEIGHTS, limit=None)
+    size = weights.stat().st_size
+    if bound > 64 * size + MAX_MODEL_SLACK:
+        raise BundleError(
+            f"{root / CONFIG} describes a model of up to {bound / 1e9:.1f} GB, far more than "
+            f"its weights file ({size / 1e6:.1f} MB): the config does not belong to these weights"
+        )
 
 
 def _model(config: TrainApp, tokenizer: Tokenizer) -> Seq2Seq:

@@ -256,7 +256,7 @@ def _edit_config(path: Path, edit) -> None:
     [
         ("unknown_key", "does not fit the configuration schema"),
         ("wrong_shape", "has shape"),
-        ("huge", "has shape"),
+        ("huge", "far more than its weights file"),
         ("swapped_spm", "not the tokenizer this model was trained with"),
         ("truncated", "truncated"),
     ],
