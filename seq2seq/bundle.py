@@ -54,6 +54,7 @@ from safetensors.torch import load_model, save_model
 from seq2seq.config import TrainApp
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import Seq2Seq
+from seq2seq.safe_output import replace_bytes_on_success
 from seq2seq.tokenizer import PAD_ID, SRC_FILE, TGT_FILE, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -91,17 +92,8 @@ class Bundle:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file via a temporary sibling and ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replace_bytes_on_success(path) as f:
+        f.write(data)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any, BinaryIO, TextIO, cast
 
 
 class OutputError(ValueError):
@@ -86,7 +86,24 @@ def files_under(root: str | Path, *, limit: int = 1000) -> dict[str, Path]:
 
 @contextmanager
 def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator[TextIO]:
-    """A text file that replaces ``path`` only when the block ends without an error.
+    """A text file that replaces ``path`` only when the block ends without an error
+    (see `_replaced`); lines end in "\\n"."""
+    with _replaced(path, "w", encoding=encoding, newline="\n") as handle:
+        yield cast(TextIO, handle)
+
+
+@contextmanager
+def replace_bytes_on_success(path: str | Path) -> Iterator[BinaryIO]:
+    """`replace_on_success` for bytes."""
+    with _replaced(path, "wb") as handle:
+        yield cast(BinaryIO, handle)
+
+
+@contextmanager
+def _replaced(
+    path: str | Path, mode: str, encoding: str | None = None, newline: str | None = None
+) -> Iterator[IO[Any]]:
+    """A file that replaces ``path`` only when the block ends without an error.
 
     The temporary file sits beside the target (beside the file a symlink points
     to), so the final rename stays on one file system and is atomic; a failed
@@ -97,7 +114,7 @@ def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator
     if _special(given):
         # A device, FIFO or terminal (/dev/null, /dev/stdout) is written in place:
         # renaming over it would replace the device node with a regular file.
-        with open(given, "w", encoding=encoding, newline="\n") as stream:
+        with open(given, mode, encoding=encoding, newline=newline) as stream:
             yield stream
         return
     target = Path(os.path.realpath(given))
@@ -105,7 +122,7 @@ def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _new_file_mode(target))
-        with os.fdopen(fd, "w", encoding=encoding, newline="\n") as handle:
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

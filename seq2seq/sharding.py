@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from seq2seq import distributed
 from seq2seq.distributed import World
+from seq2seq.safe_output import replace_bytes_on_success
 
 
 @dataclass(frozen=True)
@@ -151,15 +150,9 @@ def join_parts(plan: Plan, *, output: str | None, alignments: str | None) -> Non
 def concatenate(parts: list[Path], target: Path) -> None:
     """``target`` = the ``parts`` joined in order, written atomically; the parts are
     deleted once it is in place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as handle:
-                    shutil.copyfileobj(handle, out, 1 << 20)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replace_bytes_on_success(target) as out:
+        for part in parts:
+            with part.open("rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
     for part in parts:
         part.unlink()
