@@ -591,6 +591,20 @@ def _train_args(run: Path) -> list[str]:
     ]
 
 
+def _validations(run: Path) -> int:
+    metrics = run / bundle.METRICS
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return sum('"valid"' in line for line in lines)
+
+
+def _wait_for_validation(run: Path, proc: subprocess.Popen, deadline: float) -> None:
+    """Until the run records one more validation: a kill after a fixed sleep could
+    come after a fast machine had already finished the run."""
+    seen = _validations(run)
+    while _validations(run) <= seen and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_exactly(tmp_path):
     """Three real kills of ``python -m seq2seq.train``, the last as soon as a checkpoint
@@ -610,8 +624,9 @@ def test_kill_9_at_random_moments_resumes_exactly(tmp_path):
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120
-        if attempt < 2:
-            time.sleep(rng.uniform(4.0, 9.0))
+        if attempt < 2:  # at a random moment after the run's next validation
+            _wait_for_validation(run, proc, deadline)
+            time.sleep(rng.uniform(0.0, 0.5))
         else:  # inside a checkpoint write
             while not list(run.glob(".last.tmp-*")) and time.monotonic() < deadline:
                 if proc.poll() is not None:
