@@ -56,8 +56,8 @@ import torch
 
 if TYPE_CHECKING:
     from seq2seq.config import TrainApp
-    from seq2seq.tokenizer import Tokenizer
-    from seq2seq.translator import Translator
+    from seq2seq.data.tokenizer import Tokenizer
+    from seq2seq.decoding.translator import Translator
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) -> float:
@@ -113,11 +113,11 @@ def bench_train(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
-    from seq2seq.allocator import retain_freed_memory
-    from seq2seq.batching import token_batches
-    from seq2seq.cli import register_configs
+    from seq2seq._hydra import register_configs
     from seq2seq.config import conf_dir
-    from seq2seq.trainer import Trainer
+    from seq2seq.data.batching import token_batches
+    from seq2seq.runtime.allocator import retain_freed_memory
+    from seq2seq.training.trainer import Trainer
 
     register_configs()
     overrides = [f"experiment={args.experiment}", "run_dir=unused", *args.override]
@@ -164,8 +164,8 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
-    from seq2seq.corpus import read_lines
-    from seq2seq.translator import Translator
+    from seq2seq.data.corpus import read_lines
+    from seq2seq.decoding.translator import Translator
 
     src = Path(args.data_dir) / f"{args.test_stem}.{args.src_lang}.gz"
     lines = read_lines(src)
@@ -299,7 +299,7 @@ def _compose(overrides: list[str]) -> TrainApp:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from seq2seq.cli import register_configs
+    from seq2seq._hydra import register_configs
     from seq2seq.config import conf_dir
 
     register_configs()
@@ -320,9 +320,9 @@ def prepare_timings(overrides: list[str]) -> dict:
     """Tokenizer training, first encoding and the cached reopening, timed in this process."""
     from itertools import islice
 
-    from seq2seq import tokdata
-    from seq2seq.corpus import train_source
-    from seq2seq.tokenizer import source_cache_key, train_or_load_pairs
+    from seq2seq.data import store as tokdata
+    from seq2seq.data.corpus import train_source
+    from seq2seq.data.tokenizer import source_cache_key, train_or_load_pairs
 
     config = _compose(overrides)
     data, tok_cfg = config.data, config.tokenizer

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from seq2seq.sharding import count_lines
+from seq2seq.decoding.sharding import count_lines
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 

@@ -26,7 +26,7 @@ echo "torchrun exit code after the kill: $?"
 "${torchrun[@]}" -m seq2seq.train "${args[@]}" "run_dir=$scratch/straight" > straight.out 2> straight.err
 python - <<'PY'
 import torch
-from seq2seq import bundle
+from seq2seq.model import bundle
 
 killed, straight = (bundle.load(f"{d}/last").model.state_dict() for d in ("killed", "straight"))
 print("same weights as the uninterrupted run:", all(torch.equal(killed[k], straight[k]) for k in killed))

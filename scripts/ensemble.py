@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from seq2seq.bundle import save_ensemble
+from seq2seq.model.bundle import save_ensemble
 
 
 def main() -> None:

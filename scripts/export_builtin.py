@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from seq2seq.builtin import make_splits
 from seq2seq.config import BuiltinConfig
+from seq2seq.data.builtin import make_splits
 
 
 def main() -> None:

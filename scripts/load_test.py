@@ -227,7 +227,7 @@ def baseline(args: argparse.Namespace) -> None:
     import torch
 
     from seq2seq.config import DecodeConfig
-    from seq2seq.translator import Translator
+    from seq2seq.decoding.translator import Translator
 
     if args.threads:
         torch.set_num_threads(args.threads)

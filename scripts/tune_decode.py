@@ -19,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from seq2seq.corpus import read_lines
+from seq2seq.data.corpus import read_lines
+from seq2seq.decoding.translator import Translator
 from seq2seq.metrics import corpus_scores
-from seq2seq.translator import Translator
 
 
 def grid(beams: list[int], alphas: list[float]) -> list[tuple[int, float]]:

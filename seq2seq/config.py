@@ -3,7 +3,7 @@
 The dataclasses are the single source of truth: YAML files under ``conf/`` only
 set values, unknown keys fail when Hydra merges them with these schemas, and
 everything below the app layer receives these dataclasses (never a DictConfig).
-Hydra itself is imported only by the apps (``seq2seq.cli`` registers these schemas).
+Hydra itself is imported only by the apps (``seq2seq._hydra`` registers these schemas).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class SplitConfig:
 
 @dataclass
 class BuiltinConfig:
-    """Size and seed of the generated offline corpus (see ``seq2seq.builtin``)."""
+    """Size and seed of the generated offline corpus (see ``seq2seq.data.builtin``)."""
 
     train_size: int = 20000
     valid_size: int = 500
@@ -189,7 +189,9 @@ class ModelConfig:
     dropout: float = 0.3
     tie_embeddings: bool = True
     share_embeddings: bool = False
-    softmax_head: int = 0  # > 0: two-level softmax with this many head pieces (seq2seq.softmax)
+    softmax_head: int = (
+        0  # > 0: two-level softmax with this many head pieces (seq2seq.model.softmax)
+    )
 
 
 # ------------------------------------------------------------------------- training

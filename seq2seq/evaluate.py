@@ -43,12 +43,12 @@ from omegaconf import DictConfig
 from sacrebleu.metrics.bleu import BLEU
 from tqdm import tqdm
 
-from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
+from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import EvaluateApp, conf_dir
-from seq2seq.corpus import read_lines
+from seq2seq.data.corpus import read_lines
+from seq2seq.decoding.translator import Translator
 from seq2seq.metrics import Score, corpus_scores, format_table, to_json
-from seq2seq.safe_output import check_outputs, files_under, write_text
-from seq2seq.translator import Translator
+from seq2seq.runtime.fs import check_outputs, files_under, write_text
 
 register_configs()
 logger = logging.getLogger("seq2seq.evaluate")

@@ -6,7 +6,7 @@ Usage::
         [decode.beam_size=5] [max_batch_sentences=64] [max_wait_ms=50] [max_queue=256]
         [timeout=30] [max_lines=64] [max_chars=1000] [workers=1] [threads=1] [device=cpu]
 
-The API is described in `seq2seq.service` and served as OpenAPI at ``/docs``.
+The API is described in `seq2seq.service.app` and served as OpenAPI at ``/docs``.
 ``port=0`` picks a free port. Once the model is loaded and the port is bound, one
 line ``seq2seq-serve: listening on http://HOST:PORT/`` goes to stderr. SIGTERM or
 Ctrl-C stops accepting connections, answers every request already received, then
@@ -24,9 +24,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
+from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import ServeApp, conf_dir
-from seq2seq.translator import Translator
+from seq2seq.decoding.translator import Translator
 
 register_configs()
 
@@ -61,7 +61,7 @@ def run(config: ServeApp) -> None:
     require_server_packages()
     import uvicorn
 
-    from seq2seq.service import check_config, create_app, describe_bundle
+    from seq2seq.service.app import check_config, create_app, describe_bundle
 
     check_config(config)
     if config.threads > 0:

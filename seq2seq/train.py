@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from seq2seq import distributed
-from seq2seq.allocator import retain_freed_memory
-from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
+from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TrainApp, conf_dir
-from seq2seq.ensemble_training import fit
+from seq2seq.runtime import distributed
+from seq2seq.runtime.allocator import retain_freed_memory
+from seq2seq.training.fit import fit
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")

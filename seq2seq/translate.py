@@ -47,7 +47,7 @@ model=... input=FILE output=FILE`` splits the input into N contiguous line range
 each process translates one into a part file, and rank 0 joins the parts: the
 output is byte for byte the single-process one. ``shard=K/N`` (no torchrun)
 translates only the K-th range, for job arrays; join the N outputs in order
-(``cat out.1 ... out.N > out``). See `seq2seq.sharding`.
+(``cat out.1 ... out.N > out``). See `seq2seq.decoding.sharding`.
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from seq2seq import distributed, plotting, sharding
-from seq2seq.cli import expected_errors, register_configs, run_hydra, to_app
+from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TranslateApp, conf_dir
-from seq2seq.device import pick_device
-from seq2seq.safe_output import check_outputs, files_under, replace_on_success
-from seq2seq.translator import TextHypothesis, Translator
+from seq2seq.decoding import plotting, sharding
+from seq2seq.decoding.translator import TextHypothesis, Translator
+from seq2seq.runtime import distributed
+from seq2seq.runtime.device import pick_device
+from seq2seq.runtime.fs import check_outputs, files_under, replace_on_success
 
 register_configs()
 logger = logging.getLogger("seq2seq.translate")

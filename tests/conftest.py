@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import bundle
-from seq2seq.builtin import generate_pairs
 from seq2seq.config import ModelConfig, TokenizerConfig, TrainApp
-from seq2seq.model import Seq2Seq
-from seq2seq.tokenizer import PAD_ID, Tokenizer, train_or_load
+from seq2seq.data.builtin import generate_pairs
+from seq2seq.data.tokenizer import Tokenizer, train_or_load
+from seq2seq.model import bundle
+from tests.helpers import lively_model
 
 # One thread: tiny models gain nothing from two, and a test run then never
 # fights a benchmark or another job for both cores (OpenMP spin-waits make an
 # oversubscribed run many times slower).
 torch.set_num_threads(1)
-
-ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 
 
 @pytest.fixture(autouse=True)
@@ -41,45 +38,6 @@ def pairs() -> list[tuple[str, str]]:
 def tokenizer(pairs: list[tuple[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     cfg = TokenizerConfig(vocab_size=120, cache_dir=str(tmp_path_factory.mktemp("spm")))
     return train_or_load([s for s, _ in pairs], [t for _, t in pairs], cfg)
-
-
-def tiny_model(
-    tokenizer: Tokenizer,
-    *,
-    seed: int = 0,
-    attention: str = "bahdanau",
-    cell: str = "gru",
-    **sizes: int,
-) -> Seq2Seq:
-    """A seeded model with hidden 16 (dropout off unless asked for)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        attention=attention,  # type: ignore[arg-type]
-        cell=cell,  # type: ignore[arg-type]
-        embedding_size=sizes.get("embedding_size", 8),
-        hidden_size=sizes.get("hidden_size", 16),
-        attention_size=sizes.get("attention_size", 8),
-        encoder_layers=sizes.get("encoder_layers", 1),
-        decoder_layers=sizes.get("decoder_layers", 1),
-        dropout=0.0,
-        softmax_head=sizes.get("softmax_head", 0),
-    )
-    return Seq2Seq.from_config(
-        cfg, src_vocab=tokenizer.src_vocab_size, tgt_vocab=tokenizer.tgt_vocab_size, pad_id=PAD_ID
-    ).eval()
-
-
-def lively_model(tokenizer: Tokenizer, *, seed: int = 1, softmax_head: int = 0) -> Seq2Seq:
-    """The tiny model with weights scaled up, so outputs differ between inputs.
-
-    With the default small initialisation an untrained model emits one piece for every
-    input, which would make order and batching tests pass vacuously.
-    """
-    model = tiny_model(tokenizer, seed=seed, softmax_head=softmax_head)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10.0)
-    return model
 
 
 @pytest.fixture(scope="module")

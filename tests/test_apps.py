@@ -18,11 +18,12 @@ import pytest
 import sacrebleu
 import torch
 
-from seq2seq import bundle, evaluate, plotting, translate
+from seq2seq import evaluate, translate
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
-from seq2seq.translator import Translator
-
-from .conftest import ROOT, tiny_model
+from seq2seq.decoding import plotting
+from seq2seq.decoding.translator import Translator
+from seq2seq.model import bundle
+from tests.helpers import ROOT, tiny_model
 
 LIMIT = 30  # decode.max_input_tokens passed to the CLI
 

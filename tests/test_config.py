@@ -8,9 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from seq2seq.cli import register_configs
+from seq2seq._hydra import register_configs
 from seq2seq.config import EvaluateApp, TrainApp, TranslateApp, conf_dir
-from seq2seq.model import Seq2Seq
+from seq2seq.model.model import Seq2Seq
 
 register_configs()
 CONF = Path(conf_dir())

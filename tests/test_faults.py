@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from seq2seq import bundle, evaluate, rundir, train, translate
+from seq2seq import evaluate, train, translate
 from seq2seq.config import (
     BuiltinConfig,
     DataConfig,
@@ -34,11 +34,12 @@ from seq2seq.config import (
     TrainApp,
     TrainingConfig,
 )
-from seq2seq.safe_output import OutputError, check_outputs, replace_on_success
-from seq2seq.tokenizer import SRC_FILE, TGT_FILE, cache_key, train_or_load
-from seq2seq.trainer import Trainer
-
-from .conftest import ROOT
+from seq2seq.data.tokenizer import SRC_FILE, TGT_FILE, cache_key, train_or_load
+from seq2seq.model import bundle
+from seq2seq.runtime.fs import OutputError, check_outputs, replace_on_success
+from seq2seq.training import rundir
+from seq2seq.training.trainer import Trainer
+from tests.helpers import ROOT
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -321,7 +322,7 @@ def test_bundle_files_must_be_inside_the_bundle(tiny_bundle, tmp_path):
 
 HOSTILE_LOAD = """
 import sys
-from seq2seq import bundle
+from seq2seq.model import bundle
 for path in sys.argv[1:]:
     try:
         bundle.load(path)
@@ -692,6 +693,6 @@ def test_full_disk_during_a_checkpoint_keeps_best_and_last(tmp_path):
 
 def test_decode_config_default_is_valid():
     """The defaults pass the checks that refuse bad values."""
-    from seq2seq.translator import check_decode
+    from seq2seq.decoding.translator import check_decode
 
     check_decode(DecodeConfig())

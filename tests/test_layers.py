@@ -1,96 +1,64 @@
-"""The one-way dependency order, checked on the imports themselves."""
+"""The package's layout is the layer rule: every top-level part sits in one layer.
+
+The rule itself (imports go down only; Hydra and the web extras stay above the
+library) is import-linter's contract in ``pyproject.toml``, run by CI as
+``lint-imports``; these tests keep that contract complete and check at run time
+what a text scan could miss.
+"""
 
 from __future__ import annotations
 
-import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
+import pytest
 
-# module -> the rank it sits at; a module may import only lower ranks
-RANK = {
-    "allocator": 0,
-    "config": 0,
-    "device": 0,
-    "distributed": 0,
-    "sharding": 1,
-    "metrics": 0,
-    "safe_output": 0,
-    "builtin": 1,
-    "corpus": 2,
-    "tokenizer": 2,
-    "batching": 3,
-    "tokdata": 3.5,
-    "additive": 3,
-    "gru": 3,
-    "loss": 3,
-    "softmax": 4,
-    "model": 5,
-    "search": 6,
-    "inference": 6.5,
-    "ensemble": 6.75,
-    "bundle": 7,
-    "snapshots": 7,
-    "translator": 8,
-    "rundir": 8,
-    "plotting": 8,
-    "trainer": 9,
-    "ensemble_training": 9.5,
-    "cli": 9.5,
-    "service": 9.5,
-    "train": 10,
-    "translate": 10,
-    "evaluate": 10,
-    "serve": 10,
-}
-APPS = 10  # the Hydra apps' rank
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "seq2seq"
 
 
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seq2seq"):
-            parts = node.module.split(".")
-            found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("seq2seq."))
-    return found
+def _contract_layers() -> list[list[str]]:
+    """The layers contract of ``pyproject.toml``, top to bottom, as module names."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return [[name.strip() for name in re.split(r"[|:]", layer)] for layer in layers]
 
 
-def test_every_module_has_a_rank():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-    assert modules <= set(RANK), modules - set(RANK)
-
-
-def test_imports_only_go_down():
-    for path in PACKAGE.glob("*.py"):
-        if path.stem in ("__init__", "__main__"):
-            continue
-        for dep in _imports(path):
-            assert RANK[dep] < RANK[path.stem] or dep == path.stem, f"{path.stem} imports {dep}"
-
-
-def _third_party(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[0] for a in node.names)
-    return found
-
-
-def test_only_apps_import_hydra():
-    """Hydra (its ConfigStore included) is the apps' business: importing the
-    library, e.g. ``seq2seq.model``, must not load it."""
-    for path in PACKAGE.glob("*.py"):
-        uses_hydra = "hydra" in _third_party(path)
-        assert not uses_hydra or RANK.get(path.stem, 0) >= APPS - 0.5, path.stem
+def test_every_part_of_the_package_is_in_a_layer():
+    """A new module or subpackage must be placed in a layer, or the contract cannot see it."""
+    named = {name for layer in _contract_layers() for name in layer}
+    parts = {f"seq2seq.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    parts |= {f"seq2seq.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
+    assert parts == named, (parts - named, named - parts)
 
 
 def test_library_import_loads_no_hydra():
-    """The text check above could miss an indirect import; the process cannot."""
-    code = "import sys, seq2seq.trainer, seq2seq.translator; sys.exit('hydra' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent).returncode == 0
+    """Importing the library (training and translation included) must not load Hydra."""
+    code = (
+        "import sys, seq2seq.training.fit, seq2seq.decoding.translator;"
+        " sys.exit('hydra' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def layer_diagram() -> str:
+    """The layers as README.md and docs/design.md draw them, top (apps) to bottom."""
+    rows = []
+    for layer in _contract_layers():
+        names = [
+            n.removeprefix("seq2seq.")
+            + ("/" if (PACKAGE / n.removeprefix("seq2seq.")).is_dir() else "")
+            for n in layer
+        ]
+        rows.append("  " + " | ".join(names))
+    return "\n".join(rows)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+def test_docs_draw_the_contract_s_layers(doc):
+    """The diagram users read is the contract CI checks, so the two cannot drift."""
+    assert layer_diagram() in (ROOT / doc).read_text(), f"{doc} must contain:\n{layer_diagram()}"

@@ -1,0 +1,388 @@
+"""Token ids of the training split on disk, memory-mapped, built once per corpus and tokenizer.
+
+Why: a corpus of millions of pairs held as Python lists of ints costs about a
+gigabyte per million pairs and is read and encoded again on every run. Here
+the ids are encoded once, in parallel worker processes, into flat arrays on
+disk (fairseq's binarized ``.bin``/``.idx`` idea); every later run on the same
+corpus, tokenizer and length filters maps them in, and memory holds only the
+pages a batch touches.
+
+One store is a directory ``{cache_dir}/{key}/``:
+
+* ``src.ids``, ``tgt.ids``: every sentence's ids back to back (uint16 when the
+  vocabulary fits, else int32);
+* ``src.off``, ``tgt.off``: int64 start of each sentence, then the end (N + 1);
+* ``src.len``, ``tgt.len``: pieces per sentence (uint16, else int32);
+* ``header.json``: counts and dtypes, written last.
+
+The directory is built under a temporary name and renamed into place, so an
+interrupted build never leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from multiprocessing.pool import AsyncResult
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from seq2seq.config import DataConfig, TokenizerConfig
+from seq2seq.data.batching import Batch, FlatIds, collate_flat
+from seq2seq.data.corpus import CorpusError, PairSource, RawChunk, clean_chunk, train_source
+from seq2seq.data.tokenizer import Tokenizer, source_cache_key, train_or_load_pairs
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+HEADER = "header.json"
+SIDES = ("src", "tgt")
+CHUNK_LINES = 10_000  # per task sent to a worker: large enough to amortise the pickling
+
+
+class TokenStore:
+    """The encoded training pairs: lengths as numpy arrays, batches padded from the ids."""
+
+    def __init__(self, src: FlatIds, tgt: FlatIds, *, path: Path | None = None) -> None:
+        if len(src.lengths) != len(tgt.lengths):
+            raise ValueError(f"sides differ: {len(src.lengths)} and {len(tgt.lengths)} sentences")
+        self.src = src
+        self.tgt = tgt
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.src.lengths)
+
+    @property
+    def src_lengths(self) -> np.ndarray:
+        """(N,) source pieces per pair."""
+        return self.src.lengths
+
+    @property
+    def tgt_lengths(self) -> np.ndarray:
+        """(N,) target pieces per pair (without BOS/EOS)."""
+        return self.tgt.lengths
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The pairs ``indices`` as a padded Batch, read straight from the arrays."""
+        return collate_flat(self.src, self.tgt, indices)
+
+    @classmethod
+    def open(cls, directory: Path) -> TokenStore:
+        """Map a built store; raises ``OSError``/``ValueError`` when it is unreadable."""
+        header = json.loads((directory / HEADER).read_text())
+        if header.get("version") != FORMAT_VERSION:
+            raise ValueError(f"token store format {header.get('version')}, not {FORMAT_VERSION}")
+        sides = []
+        for side in SIDES:
+            ids = np.memmap(directory / f"{side}.ids", dtype=header[f"{side}_dtype"], mode="r")
+            offsets = np.memmap(directory / f"{side}.off", dtype=np.int64, mode="r")
+            lengths = np.memmap(directory / f"{side}.len", dtype=header["length_dtype"], mode="r")
+            if len(lengths) != header["pairs"] or len(offsets) != len(lengths) + 1:
+                raise ValueError(f"{directory}: {side} arrays do not match the header")
+            sides.append(FlatIds(ids, offsets, lengths))
+        return cls(*sides, path=directory)
+
+
+# --------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Training length filters (0 disables one); see ``batching.encode_pairs``."""
+
+    max_length: int
+    max_ratio: float
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One chunk's kept pairs, flattened, and what was dropped."""
+
+    ids: tuple[np.ndarray, np.ndarray]
+    lengths: tuple[np.ndarray, np.ndarray]
+    lines: int
+    empty: int
+    filtered: int
+
+
+class _Encoder:
+    """What a worker needs to encode chunks: the models, the files, the filters."""
+
+    def __init__(
+        self,
+        models: dict[str, bytes],
+        names: tuple[Path, Path] | None,
+        filters: Filters,
+    ) -> None:
+        self.tokenizer = Tokenizer.from_serialized(models)
+        self.names = names
+        self.filters = filters
+        self.dtypes = tuple(
+            _id_dtype(n) for n in (self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
+        )
+
+    def __call__(self, chunk: RawChunk) -> _Encoded:
+        src, tgt = clean_chunk(chunk, self.names)
+        rows = (self.tokenizer.encode_src(src), self.tokenizer.encode_tgt(tgt))
+        lengths = [np.fromiter(map(len, side), np.int64, count=len(side)) for side in rows]
+        keep = _within_limits(lengths[0], lengths[1], self.filters)
+        flat = []
+        for side, side_lengths, dtype in zip(rows, lengths, self.dtypes, strict=True):
+            ids = np.fromiter(chain.from_iterable(side), dtype, count=int(side_lengths.sum()))
+            flat.append(ids[np.repeat(keep, side_lengths)])
+        return _Encoded(
+            ids=(flat[0], flat[1]),
+            lengths=(lengths[0][keep], lengths[1][keep]),
+            lines=len(chunk.src),
+            empty=len(chunk.src) - len(src),
+            filtered=int(len(src) - keep.sum()),
+        )
+
+
+def _within_limits(n_src: np.ndarray, n_tgt: np.ndarray, filters: Filters) -> np.ndarray:
+    """The same rule as ``batching.encode_pairs``, over arrays."""
+    longer, shorter = np.maximum(n_src, n_tgt), np.minimum(n_src, n_tgt)
+    keep = shorter > 0
+    if filters.max_length:
+        keep &= longer <= filters.max_length
+    if filters.max_ratio:
+        keep &= longer / np.maximum(shorter, 1) <= filters.max_ratio
+    return keep
+
+
+def _id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+
+
+_worker: _Encoder | None = None
+
+
+def _init_worker(models: dict[str, bytes], names: tuple[Path, Path] | None, f: Filters) -> None:
+    global _worker
+    _worker = _Encoder(models, names, f)
+
+
+def _encode_in_worker(chunk: RawChunk) -> _Encoded:
+    assert _worker is not None
+    return _worker(chunk)
+
+
+def _encoded_chunks(source: PairSource, encoder_args: tuple, workers: int) -> Iterator[_Encoded]:
+    """Encoded chunks in corpus order, from ``workers`` processes (in-process for 1)."""
+    chunks = source.chunks(CHUNK_LINES)
+    if workers <= 1:
+        encoder = _Encoder(*encoder_args)
+        yield from map(encoder, chunks)
+        return
+    # fork: workers inherit the imported modules and start at once; they run only
+    # SentencePiece and numpy, never torch, so the parent's threads do not matter.
+    # At most two chunks per worker in flight: ``Pool.imap`` would read the whole
+    # corpus ahead into its task queue.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+        pending: deque[AsyncResult[_Encoded]] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[str, int], str]:
+    """Append each chunk's ids to ``*.ids`` as it arrives; lengths and offsets at the end.
+
+    Returns the counts (lines read, pairs dropped as empty or by the filters, pairs
+    kept) and the dtype of the length arrays.
+    """
+    lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    counts = {"lines": 0, "empty": 0, "filtered": 0}
+    files: dict[str, BinaryIO] = {}
+    try:
+        for side in SIDES:
+            files[side] = (directory / f"{side}.ids").open("wb")
+        for chunk in encoded:
+            for side, ids, side_lengths in zip(SIDES, chunk.ids, chunk.lengths, strict=True):
+                ids.tofile(files[side])
+                lengths[side].append(side_lengths)
+            for name in counts:
+                counts[name] += getattr(chunk, name)
+    finally:
+        for handle in files.values():
+            handle.close()
+    joined = {side: np.concatenate([np.zeros(0, np.int64), *lengths[side]]) for side in SIDES}
+    longest = max(int(joined[side].max(initial=0)) for side in SIDES)
+    length_dtype = np.dtype(np.uint16 if longest < (1 << 16) - 2 else np.int32)
+    for side in SIDES:
+        offsets = np.zeros(len(joined[side]) + 1, np.int64)
+        np.cumsum(joined[side], out=offsets[1:])
+        offsets.tofile(directory / f"{side}.off")
+        joined[side].astype(length_dtype).tofile(directory / f"{side}.len")
+    return {**counts, "pairs": len(joined["src"])}, str(length_dtype)
+
+
+def store_key(fingerprint: str, tokenizer: Tokenizer, filters: Filters) -> str:
+    """Hash of what determines the store: the corpus, the models, the filters, the format."""
+    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{fingerprint}\0{filters}\0".encode())
+    for name, model in sorted(tokenizer.serialize().items()):
+        digest.update(name.encode() + b"\0" + model)
+    return digest.hexdigest()[:32]
+
+
+def _build(
+    directory: Path,
+    source: PairSource,
+    tokenizer: Tokenizer,
+    filters: Filters,
+    workers: int,
+) -> None:
+    """Encode ``source`` into a temporary directory and rename it to ``directory``."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        start = time.monotonic()
+        encoder_args = (tokenizer.serialize(), source.files, filters)
+        counts, length_dtype = _write_arrays(tmp, _encoded_chunks(source, encoder_args, workers))
+        seconds = time.monotonic() - start
+        _check_counts(counts, source.name, filters)
+        header = {
+            "version": FORMAT_VERSION,
+            **counts,
+            "length_dtype": length_dtype,
+            "src_dtype": str(_id_dtype(tokenizer.src_vocab_size)),
+            "tgt_dtype": str(_id_dtype(tokenizer.tgt_vocab_size)),
+            "max_length": filters.max_length,
+            "max_ratio": filters.max_ratio,
+            "files": [str(path) for path in source.files] if source.files else None,
+            "encode_seconds": round(seconds, 3),
+        }
+        (tmp / HEADER).write_text(json.dumps(header, indent=1) + "\n")
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not (directory / HEADER).is_file():
+                raise
+            logger.info("another process built %s first; using it", directory)
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info(
+            "encoded %d lines in %.1fs (%.0f pairs/s, %d workers) into %s",
+            counts["lines"],
+            seconds,
+            counts["lines"] / max(seconds, 1e-9),
+            workers,
+            directory,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_counts(counts: dict[str, int], name: str, filters: Filters) -> None:
+    if counts["empty"]:
+        logger.warning(
+            "train split: dropped %d of %d pairs with an empty side",
+            counts["empty"],
+            counts["lines"],
+        )
+    kept_text = counts["lines"] - counts["empty"]
+    if kept_text == 0:
+        raise CorpusError(f"train split of {name!r} has no non-empty pairs")
+    if counts["filtered"]:
+        logger.info(
+            "length filters (max_length=%d, max_ratio=%g) dropped %d of %d pairs",
+            filters.max_length,
+            filters.max_ratio,
+            counts["filtered"],
+            kept_text,
+        )
+    if counts["pairs"] == 0:
+        raise CorpusError("no training pairs left after filtering; check data and filters")
+
+
+def _open_cached(directory: Path) -> TokenStore | None:
+    if not (directory / HEADER).is_file():
+        return None
+    try:
+        return TokenStore.open(directory)
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("ignoring unreadable token store %s: %s", directory, e)
+        return None
+
+
+def cache_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
+    """``data.cache_dir``, or ``tokens`` next to the tokenizer cache."""
+    if data.cache_dir:
+        return Path(data.cache_dir).expanduser()
+    return Path(tokenizer.cache_dir).expanduser().parent / "tokens"
+
+
+def open_or_build(
+    source: PairSource,
+    tokenizer: Tokenizer,
+    *,
+    directory: Path,
+    filters: Filters,
+    workers: int = 0,
+) -> TokenStore:
+    """The store for this corpus, tokenizer and filters under ``directory``:
+    mapped from the cache, or encoded with ``workers`` processes (0: one per core)."""
+    path = directory / store_key(source.fingerprint, tokenizer, filters)
+    store = _open_cached(path)
+    if store is None:
+        _build(path, source, tokenizer, filters, workers or _cores())
+        store = TokenStore.open(path)
+    else:
+        logger.info("loaded cached token store from %s", path)
+    logger.info("train split: %d pairs (%s)", len(store), source.name)
+    return store
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What training reads, and the key that names its data for resume checks."""
+
+    tokenizer: Tokenizer
+    store: TokenStore
+    data_key: str
+
+
+def prepare(
+    data: DataConfig, tokenizer_cfg: TokenizerConfig, *, tokenizer: Tokenizer | None = None
+) -> Prepared:
+    """Training split -> tokenizer (cached) -> token store (cached): what training reads.
+
+    A resumed run passes its checkpoint's ``tokenizer``: the run must go on with the
+    pieces it started with, whatever SentencePiece would learn from the data now.
+    """
+    source = train_source(data)
+    data_key = source_cache_key(source.fingerprint, tokenizer_cfg)
+    if tokenizer is None:
+        tokenizer = train_or_load_pairs(source.pairs, data_key, tokenizer_cfg)
+    store = open_or_build(
+        source,
+        tokenizer,
+        directory=cache_dir(data, tokenizer_cfg),
+        filters=Filters(data.max_length, data.max_ratio),
+        workers=data.num_workers,
+    )
+    return Prepared(tokenizer, store, data_key)

@@ -1,0 +1,110 @@
+"""Ensembles trained one member after another, and the one entry point for training.
+
+Why beside the trainer: a member is an ordinary run (its own directory,
+checkpoints and resume); what an ensemble adds is only the split of the time
+budget, the record of finished members and the ensemble bundle at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from seq2seq.config import TrainApp, TrainingConfig
+from seq2seq.data.corpus import load_split
+from seq2seq.decoding.translator import Translator
+from seq2seq.model import bundle as bundle_io
+from seq2seq.runtime import distributed
+from seq2seq.runtime.device import pick_device
+from seq2seq.training.trainer import FitResult, Reporter, Trainer, append_record, greedy_bleu
+
+logger = logging.getLogger(__name__)
+
+FIT_RESULT = "fit.json"
+
+
+def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
+    """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`)."""
+    if config.train.ensemble > 1:
+        return fit_ensemble(config, run_dir=run_dir, reporter=reporter)
+    return _trainer(config, run_dir=run_dir, reporter=reporter).fit()
+
+
+def _trainer(config: TrainApp, *, run_dir: Path, reporter: Reporter | None) -> Trainer:
+    """`Trainer.from_config`, which under torchrun lets rank 0 build the caches
+    (tokenizer, token data) before the other processes load them."""
+    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
+
+
+def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
+    """Train ``train.ensemble`` members one after another, then write ``best`` as an
+    ensemble bundle of their ``best`` bundles and record its validation BLEU.
+
+    Why sequential members with split time: ``max_time`` keeps meaning the whole
+    run's budget (each member gets an even share of what is left, so a member that
+    stops early leaves its time to the next), and a crash loses at most the member
+    in progress: finished members leave ``fit.json`` and are skipped when the run
+    is started again (the member in progress resumes from its checkpoint like any
+    run).
+    """
+    t = config.train
+    if t.ensemble < 2:
+        raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
+    results: list[FitResult] = []
+    for k in range(1, t.ensemble + 1):
+        member_dir = Path(run_dir) / f"member{k}"
+        member = replace(
+            config,
+            train=replace(t, seed=t.seed + k - 1, max_time=_member_time(t, results), ensemble=1),
+            run_dir=str(member_dir),
+        )
+        done = member_dir / FIT_RESULT
+        if t.resume and done.is_file():
+            logger.info("ensemble member %d already trained (%s)", k, done)
+            results.append(_read_fit_result(done))
+            continue
+        results.append(_trainer(member, run_dir=member_dir, reporter=reporter).fit())
+        if distributed.current().is_main:
+            bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
+    if not distributed.current().is_main:  # the ensemble bundle is rank 0's to write
+        return replace(results[-1], best=Path(run_dir) / "best")
+    best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
+    device = pick_device(t.device)
+    loaded = bundle_io.load(best, device=device)
+    valid = load_split(config.data, "valid")
+    translator = Translator(loaded.model, loaded.tokenizer, config.decode, device=device)
+    score = greedy_bleu(
+        translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences
+    )
+    elapsed = sum(r.elapsed for r in results)
+    record = {"kind": "ensemble", "members": t.ensemble, "bleu": score}
+    append_record(Path(run_dir), record | {"elapsed": round(elapsed, 2)}, reporter)
+    return FitResult(
+        best=best,
+        last=results[-1].last,
+        best_bleu=score,
+        steps=sum(r.steps for r in results),
+        elapsed=elapsed,
+        stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
+    )
+
+
+def _member_time(t: TrainingConfig, done: list[FitResult]) -> float:
+    """The next member's share of what is left of ``max_time`` (0: no time limit), so
+    time a member saves by stopping early goes to the members after it."""
+    if not t.max_time:
+        return 0.0
+    left = t.max_time - sum(r.elapsed for r in done)
+    return max(1.0, left / (t.ensemble - len(done)))
+
+
+def _fit_result_json(result: FitResult) -> bytes:
+    fields = asdict(result) | {"best": str(result.best), "last": str(result.last)}
+    return json.dumps(fields).encode()
+
+
+def _read_fit_result(path: Path) -> FitResult:
+    fields = json.loads(path.read_text())
+    return FitResult(**(fields | {"best": Path(fields["best"]), "last": Path(fields["last"])}))
