@@ -25,9 +25,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -43,6 +40,8 @@ from seq2seq.config import DataConfig, TokenizerConfig
 from seq2seq.data.batching import Batch, FlatIds, collate_flat
 from seq2seq.data.corpus import CorpusError, PairSource, RawChunk, clean_chunk, train_source
 from seq2seq.data.tokenizer import Tokenizer, source_cache_key, train_or_load_pairs
+from seq2seq.runtime import cores
+from seq2seq.runtime.fs import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +249,7 @@ def _build(
     workers: int,
 ) -> None:
     """Encode ``source`` into a temporary directory and rename it to ``directory``."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(directory, replace=False) as tmp:
         start = time.monotonic()
         encoder_args = (tokenizer.serialize(), source.files, filters)
         counts, length_dtype = _write_arrays(tmp, _encoded_chunks(source, encoder_args, workers))
@@ -270,13 +267,6 @@ def _build(
             "encode_seconds": round(seconds, 3),
         }
         (tmp / HEADER).write_text(json.dumps(header, indent=1) + "\n")
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not (directory / HEADER).is_file():
-                raise
-            logger.info("another process built %s first; using it", directory)
-            shutil.rmtree(tmp, ignore_errors=True)
         logger.info(
             "encoded %d lines in %.1fs (%.0f pairs/s, %d workers) into %s",
             counts["lines"],
@@ -285,9 +275,6 @@ def _build(
             workers,
             directory,
         )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _check_counts(counts: dict[str, int], name: str, filters: Filters) -> None:
@@ -342,19 +329,12 @@ def open_or_build(
     path = directory / store_key(source.fingerprint, tokenizer, filters)
     store = _open_cached(path)
     if store is None:
-        _build(path, source, tokenizer, filters, workers or _cores())
+        _build(path, source, tokenizer, filters, workers or cores())
         store = TokenStore.open(path)
     else:
         logger.info("loaded cached token store from %s", path)
     logger.info("train split: %d pairs (%s)", len(store), source.name)
     return store
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

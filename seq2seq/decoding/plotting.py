@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from seq2seq.runtime.fs import atomic_file
+
 __all__ = ["PlottingUnavailable", "plot_attention", "require_matplotlib"]
 
 _INCH_PER_PIECE = 0.35
@@ -91,6 +93,6 @@ def plot_attention(
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:  # the format comes from the name, not the temporary's
+        fig.savefig(tmp, dpi=100, format=out.suffix[1:] or None)
     return out

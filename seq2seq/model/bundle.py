@@ -36,11 +36,9 @@ import json
 import os
 import re
 import shutil
-import stat
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +53,7 @@ from seq2seq.config import TrainApp
 from seq2seq.data.tokenizer import PAD_ID, SRC_FILE, TGT_FILE, Tokenizer
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.model.model import Seq2Seq
-from seq2seq.runtime.fs import replace_bytes_on_success
+from seq2seq.runtime.fs import atomic_directory, read_bounded, regular_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -77,6 +75,11 @@ class BundleError(ValueError):
     """A path is not a readable model bundle."""
 
 
+# Every file of a bundle is read through these: confined to the bundle directory.
+_regular_file = partial(regular_file, error=BundleError, within="the bundle")
+_read_bounded = partial(read_bounded, error=BundleError, within="the bundle")
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: configuration, tokenizer and model (in eval mode).
@@ -88,41 +91,6 @@ class Bundle:
     tokenizer: Tokenizer
     model: Seq2Seq | Ensemble
     path: Path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace`` (atomic on POSIX)."""
-    with replace_bytes_on_success(path) as f:
-        f.write(data)
-
-
-@contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(path.name + ".old")
-    # A set-aside copy is stale only while ``path`` itself is complete; without
-    # ``path`` it is the one complete copy and stays until the new one is in place.
-    if os.path.lexists(path):
-        remove_entry(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    remove_entry(old)
-
-
-def remove_entry(path: Path) -> None:
-    """Remove a file, a symlink (not what it points to) or a directory tree, if present."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
 
 
 def resolve(path: str | Path) -> Path:
@@ -163,9 +131,6 @@ def save(
         (tmp / METRICS).write_text(lines)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
     return path
 
 
@@ -280,9 +245,9 @@ def _check_size(root: Path, config: TrainApp, tokenizer: Tokenizer) -> None:
     """Refuse a config that describes a model far larger than the weights file,
     before a tensor of it is allocated.
 
-    Why a bound and not the exact count: building the model on the meta device
-    would give exact shapes, but its first use costs seconds of start-up. The
-    bound over-counts every layer, so a genuine bundle always passes it.
+    Why a bound and not the exact count: the bound is arithmetic on the config,
+    with no module built, and over-counts every layer, so a genuine bundle always
+    passes it.
     """
     m = config.model
     width = max(m.embedding_size, m.hidden_size, m.attention_size, 1)
@@ -308,8 +273,8 @@ def _model(config: TrainApp, tokenizer: Tokenizer) -> Seq2Seq:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The bundle's SentencePiece models, checked against the recorded checksums
-    (bundles written before checksums were recorded load unchecked)."""
+    """The bundle's SentencePiece models, checked against the checksums in
+    ``tokenizer.json`` when the bundle has that file (it is optional in the format)."""
     root = resolve(path)
     files = _spm_files(root)
     if set(files) != {SRC_FILE, TGT_FILE}:
@@ -371,37 +336,6 @@ def _spm_files(root: Path) -> dict[str, bytes]:
         for name in (SRC_FILE, TGT_FILE)
         if os.path.lexists(root / name)
     }
-
-
-def _regular_file(root: Path, name: str, *, limit: int | None) -> Path:
-    """``root/name`` (through symlinks) if it is a regular file inside ``root`` of at
-    most ``limit`` bytes."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(root / name)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise BundleError(f"{root / name} points outside the bundle (to {real})")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError as e:
-        raise BundleError(f"{root} has no {name}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{root / name} is not a regular file")
-    if limit is not None and st.st_size > limit:
-        raise BundleError(f"{root / name} has {st.st_size} bytes; at most {limit} are accepted")
-    return Path(real)
-
-
-def _read_bounded(root: Path, name: str, limit: int) -> bytes:
-    """The bytes of `_regular_file`, read without blocking and never past ``limit``."""
-    path = _regular_file(root, name, limit=limit)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise BundleError(f"{root / name} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise BundleError(f"{root / name} has more than {limit} bytes")
-    return data
 
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from seq2seq.runtime import cores
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -87,12 +89,6 @@ def pick_backend(name: str) -> str:
     if name == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     return name
-
-
-def cores() -> int:
-    """CPUs this process may run on (the affinity mask when the OS has one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 @contextmanager

@@ -1,17 +1,27 @@
-"""Output files that never clobber an input and appear whole or not at all.
+"""Files and directories that appear whole or not at all, never clobber an input,
+and are read back only from where they should be.
 
-Why: ``output=X`` with ``input=X`` (or ``./X``, or a symlink to X) used to
-truncate X before it was read, and a run that failed half-way left a truncated
-output in place of the previous one. Two rules fix both: an output that is the
-same file as any input (compared by device and inode, so every spelling of a
-path is caught) is refused before anything is opened, and an output is written
-to a temporary file beside its target and renamed over it only when the run
-succeeds.
+Why each rule:
+
+* **Written beside, then renamed.** Every file (`atomic_file`) and every
+  directory (`atomic_directory`) is written under a temporary name in the
+  target's own directory, flushed to disk, and renamed into place, so a kill or
+  a full disk at any moment leaves either the previous version or the new one,
+  never a torn one. The rename stays on one file system, where it is atomic.
+* **Outputs never clobber inputs.** An output that is the same file as any
+  input (compared by device and inode, so every spelling of a path is caught)
+  is refused before anything is opened (`check_outputs`): truncating it would
+  destroy what the run was about to read.
+* **Reads stay inside their directory.** A directory someone else wrote may
+  hold a symlink out of it, a FIFO that blocks a reader, or a huge file;
+  `regular_file` and `read_bounded` refuse all three before reading a byte.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -19,9 +29,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TextIO, cast
 
+logger = logging.getLogger(__name__)
+
 
 class OutputError(ValueError):
     """An output path would overwrite an input or another output."""
+
+
+# ------------------------------------------------------------------ outputs vs inputs
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:
@@ -84,10 +99,37 @@ def files_under(root: str | Path, *, limit: int = 1000) -> dict[str, Path]:
     return found
 
 
+# ----------------------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; on success it is
+    flushed to disk and renamed over ``path``, on an error removed.
+
+    The temporary file sits beside the file a symlink points to, so the link
+    survives and the rename stays on one file system. It gets the mode of the
+    file it replaces (or a new file's), so a replaced file keeps its permissions.
+    """
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, _new_file_mode(target))
+        yield Path(tmp)
+        _fsync(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(target.parent)
+
+
 @contextmanager
 def replace_on_success(path: str | Path, *, encoding: str = "utf-8") -> Iterator[TextIO]:
     """A text file that replaces ``path`` only when the block ends without an error
-    (see `_replaced`); lines end in "\\n"."""
+    (see `atomic_file`); lines end in "\\n"."""
     with _replaced(path, "w", encoding=encoding, newline="\n") as handle:
         yield cast(TextIO, handle)
 
@@ -103,39 +145,30 @@ def replace_bytes_on_success(path: str | Path) -> Iterator[BinaryIO]:
 def _replaced(
     path: str | Path, mode: str, encoding: str | None = None, newline: str | None = None
 ) -> Iterator[IO[Any]]:
-    """A file that replaces ``path`` only when the block ends without an error.
-
-    The temporary file sits beside the target (beside the file a symlink points
-    to), so the final rename stays on one file system and is atomic; a failed
-    run removes it and leaves any existing ``path`` untouched. A target that is
-    not a regular file (a device or FIFO) is written directly.
-    """
-    given = Path(path).expanduser()
-    if _special(given):
+    """An open `atomic_file`; a target that is not a regular file is written directly."""
+    if _special(path):
         # A device, FIFO or terminal (/dev/null, /dev/stdout) is written in place:
         # renaming over it would replace the device node with a regular file.
-        with open(given, mode, encoding=encoding, newline=newline) as stream:
+        with open(Path(path).expanduser(), mode, encoding=encoding, newline=newline) as stream:
             yield stream
         return
-    target = Path(os.path.realpath(given))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _new_file_mode(target))
-        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_file(path) as tmp,
+        open(tmp, mode, encoding=encoding, newline=newline) as handle,
+    ):
+        yield handle
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a whole text file through `replace_on_success`."""
     with replace_on_success(path) as handle:
         handle.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a whole file through `replace_bytes_on_success`."""
+    with replace_bytes_on_success(path) as handle:
+        handle.write(data)
 
 
 def _new_file_mode(target: Path) -> int:
@@ -146,3 +179,132 @@ def _new_file_mode(target: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents (a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------- directories
+
+
+@contextmanager
+def atomic_directory(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """A fresh temporary directory beside ``path`` for the block to fill; on success
+    its files are flushed to disk and it takes the place of ``path``.
+
+    An existing ``path`` is renamed aside to ``NAME.old`` first and removed last;
+    a kill between the two renames leaves ``NAME.old`` as the one complete copy,
+    which readers fall back to. A failed block removes the temporary directory.
+
+    Args:
+        replace: False for a cache keyed by its content, which several processes
+            may build at once: a ``path`` that another one completed meanwhile is
+            kept and this copy discarded, so a reader never sees it swapped.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not replace:
+        _rename_unless_present(tmp, path)
+        return
+    old = path.with_name(path.name + ".old")
+    # A set-aside copy is stale only while ``path`` itself is complete; without
+    # ``path`` it is the one complete copy and stays until the new one is in place.
+    if os.path.lexists(path):
+        remove_entry(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    remove_entry(old)
+
+
+def _rename_unless_present(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, or discard it if another writer put ``path`` there."""
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("another process wrote %s first; using it", path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    _fsync(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (itself included) to disk."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            file = Path(dirpath) / name
+            if file.is_file() and not file.is_symlink():
+                _fsync(file)
+        _fsync(Path(dirpath))
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a symlink (not what it points to) or a directory tree, if present."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+# ----------------------------------------------------------------------------- reads
+
+
+def regular_file(
+    root: Path,
+    name: str,
+    *,
+    limit: int | None,
+    error: type[ValueError] = ValueError,
+    within: str = "the directory",
+) -> Path:
+    """``root/name`` (through symlinks) if it is a regular file inside ``root`` of at
+    most ``limit`` bytes; otherwise ``error``, naming ``root`` as ``within``."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(root / name)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise error(f"{root / name} points outside {within} (to {real})")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError as e:
+        raise error(f"{root} has no {name}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{root / name} is not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise error(f"{root / name} has {st.st_size} bytes; at most {limit} are accepted")
+    return Path(real)
+
+
+def read_bounded(
+    root: Path,
+    name: str,
+    limit: int,
+    *,
+    error: type[ValueError] = ValueError,
+    within: str = "the directory",
+) -> bytes:
+    """The bytes of `regular_file`, read without blocking and never past ``limit``."""
+    path = regular_file(root, name, limit=limit, error=error, within=within)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise error(f"{root / name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{root / name} has more than {limit} bytes")
+    return data

@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import TextHypothesis, Translator
 from seq2seq.model import bundle as bundle_io
+from seq2seq.runtime import cores
 
 __all__ = [
     "API_KEY_ENV",
@@ -309,10 +310,7 @@ def _timed(
 
 def search_workers(config: ServeApp) -> int:
     """Batches searched at once: ``config.workers``, or one per CPU core."""
-    if config.workers:
-        return config.workers
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
+    return config.workers or cores()
 
 
 # --------------------------------------------------------------------------- API models

@@ -16,7 +16,7 @@ from seq2seq.config import TrainApp, TrainingConfig
 from seq2seq.data.corpus import load_split
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
-from seq2seq.runtime import distributed
+from seq2seq.runtime import distributed, fs
 from seq2seq.runtime.device import pick_device
 from seq2seq.training.trainer import FitResult, Reporter, Trainer, append_record, greedy_bleu
 
@@ -67,7 +67,7 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
             continue
         results.append(_trainer(member, run_dir=member_dir, reporter=reporter).fit())
         if distributed.current().is_main:
-            bundle_io.atomic_write_bytes(done, _fit_result_json(results[-1]))
+            fs.write_bytes(done, _fit_result_json(results[-1]))
     if not distributed.current().is_main:  # the ensemble bundle is rank 0's to write
         return replace(results[-1], best=Path(run_dir) / "best")
     best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])

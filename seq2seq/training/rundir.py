@@ -12,7 +12,7 @@ Why each piece:
   resume compares against it and refuses a run that would change underneath its
   checkpoint, instead of continuing with a different tokenizer or corpus.
 * **Recovery.** A checkpoint is a directory swapped in by two renames
-  (`bundle.atomic_directory`); a kill can leave the newest complete copy as
+  (`fs.atomic_directory`); a kill can leave the newest complete copy as
   ``last/``, as the set-aside ``last.old`` or as a finished ``.last.tmp-*``.
   The newest complete one becomes ``last/``, and every other temporary is
   removed, before training starts.
@@ -42,6 +42,7 @@ from safetensors import safe_open
 from seq2seq.config import OptimConfig, TrainApp
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.model import bundle as bundle_io
+from seq2seq.runtime import fs
 from seq2seq.training.snapshots import SNAPSHOT_DIR
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-    bundle_io.atomic_write_bytes(run_dir / MANIFEST, text.encode())
+    fs.write_text(run_dir / MANIFEST, text)
 
 
 # ---------------------------------------------------------------------- recovery
@@ -201,7 +202,7 @@ def recover(run_dir: Path) -> Path | None:
         step, newest = max(complete, key=lambda c: (c[0], c[1] == last))
         if newest != last:
             logger.warning("recovering checkpoint of step %d from %s", step, newest)
-            bundle_io.remove_entry(last)
+            fs.remove_entry(last)
             os.replace(newest, last)
     for name in BUNDLES[1:]:
         path, old = run_dir / name, run_dir / f"{name}.old"
@@ -224,7 +225,7 @@ def _remove_temporaries(run_dir: Path) -> None:
         stale += snapshot_dir.glob(".*")
     for path in (p for p in stale if os.path.lexists(p)):
         logger.info("removing stale temporary %s", path)
-        bundle_io.remove_entry(path)
+        fs.remove_entry(path)
 
 
 def lost_checkpoint(run_dir: Path) -> bool:
@@ -394,7 +395,7 @@ def _start_afresh(run_dir: Path, checkpoint: Path | None) -> None:
     dropped = [p for p in (checkpoint, run_dir / SNAPSHOT_DIR, run_dir / MANIFEST) if p]
     dropped = [p for p in dropped if os.path.lexists(p)]
     for path in dropped:
-        bundle_io.remove_entry(path)
+        fs.remove_entry(path)
     metrics = run_dir / bundle_io.METRICS
     if metrics.is_file():
         os.replace(metrics, run_dir / PREVIOUS_METRICS)

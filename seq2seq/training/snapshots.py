@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
+from seq2seq.runtime.fs import atomic_file
+
 SNAPSHOT_DIR = "snapshots"
 
 
@@ -37,18 +39,11 @@ def list_snapshots(run_dir: Path) -> list[Path]:
 def take_snapshot(model: nn.Module, run_dir: Path, step: int, *, keep: int) -> Path:
     """Write the model's weights atomically, then drop all but the newest ``keep``."""
     path = snapshot_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snapshot.")
-    os.close(fd)
     try:
-        save_model(model, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_model(model, str(tmp))
     except SafetensorError as e:  # e.g. a full disk; an OSError like any other write
-        Path(tmp).unlink(missing_ok=True)
         raise OSError(f"cannot write {path}: {e}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     for old in list_snapshots(run_dir)[:-keep]:
         old.unlink()
     return path

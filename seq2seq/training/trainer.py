@@ -42,7 +42,7 @@ from seq2seq.decoding.translator import Translator
 from seq2seq.metrics import bleu
 from seq2seq.model import bundle as bundle_io
 from seq2seq.model.model import Seq2Seq
-from seq2seq.runtime import distributed
+from seq2seq.runtime import distributed, fs
 from seq2seq.runtime.device import pick_device, use_bf16
 from seq2seq.training import rundir, snapshots
 
@@ -568,7 +568,7 @@ class Trainer:
             _restore_rank_rng(state, self.world.rank, self.device, seed)
         self.records = rundir.records_until(self.run_dir, last, self.step)
         if self.world.is_main:
-            bundle_io.atomic_write_bytes(
+            fs.write_bytes(
                 self.run_dir / bundle_io.METRICS,
                 "".join(json.dumps(r) + "\n" for r in self.records).encode(),
             )
