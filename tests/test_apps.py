@@ -23,7 +23,7 @@ from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.decoding import plotting
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle
-from tests.helpers import ROOT, tiny_model
+from tests.helpers import ROOT, lively_model
 
 LIMIT = 30  # decode.max_input_tokens passed to the CLI
 
@@ -34,11 +34,7 @@ LIMIT = 30  # decode.max_input_tokens passed to the CLI
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """The tiny model with weights scaled up so that different inputs translate differently."""
-    model = tiny_model(tokenizer, seed=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10.0)
-    return model
+    return lively_model(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -25,28 +25,19 @@ from typing import Any
 import httpx
 import pytest
 
-from seq2seq.config import DecodeConfig, ModelConfig, ServeApp, TrainApp
+from seq2seq.config import DecodeConfig, ServeApp
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle
 from seq2seq.service.app import API_KEY_ENV, create_app, describe_bundle
-from tests.helpers import ROOT, lively_model
+from tests.helpers import ROOT
 
 BEAM = 2  # the service's default beam size in these tests
 
 
-def save_bundle(tokenizer, directory: Path) -> Path:
-    """The lively tiny model as a bundle (languages en -> de)."""
-    config = TrainApp(
-        model=ModelConfig(embedding_size=8, hidden_size=16, attention_size=8, dropout=0.0),
-        run_dir="x",
-    )
-    model = lively_model(tokenizer)
-    return bundle.save(directory / "model", model=model, config=config, tokenizer=tokenizer)
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(tokenizer, tmp_path_factory) -> Path:
-    return save_bundle(tokenizer, tmp_path_factory.mktemp("bundle"))
+def bundle_dir(tiny_bundle) -> Path:
+    """The lively tiny model as a bundle (languages en -> de)."""
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.service.test_serve import BEAM, save_bundle, serve_process, wait_for_address
+from tests.service.test_serve import BEAM, serve_process, wait_for_address
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -164,9 +164,8 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer, tmp_path_factory) -> Iterator[str]:
-    path = save_bundle(tokenizer, tmp_path_factory.mktemp("bundle"))
-    process = serve_process(f"model={path}", "port=0", f"decode.beam_size={BEAM}")
+def server(tiny_bundle) -> Iterator[str]:
+    process = serve_process(f"model={tiny_bundle}", "port=0", f"decode.beam_size={BEAM}")
     try:
         yield wait_for_address(process)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -22,21 +23,10 @@ from seq2seq.model.ensemble import Ensemble
 from seq2seq.training import snapshots
 from seq2seq.training.fit import FIT_RESULT, fit
 from seq2seq.training.trainer import Trainer
+from tests.helpers import train_config, weights
 
-
-def _config(tmp_path, **train) -> TrainApp:
-    return TrainApp(
-        data=DataConfig(builtin=BuiltinConfig(train_size=300, valid_size=20, test_size=20)),
-        tokenizer=TokenizerConfig(vocab_size=100, cache_dir=str(tmp_path / "spm")),
-        model=ModelConfig(embedding_size=16, hidden_size=16, attention_size=16, dropout=0.3),
-        optim=OptimConfig(schedule="plateau"),
-        train=TrainingConfig(max_tokens=300, valid_every=7, log_every=3, device="cpu", **train),
-        run_dir=str(tmp_path / "run"),
-    )
-
-
-def _weights(path):
-    return bundle.load(path).model.state_dict()
+# A larger corpus than the helper's, and the plateau schedule, whose state a resume must carry.
+_config = partial(train_config, train_size=300, valid_size=20, schedule="plateau")
 
 
 def test_resume_reaches_the_same_weights(tmp_path):
@@ -51,7 +41,7 @@ def test_resume_reaches_the_same_weights(tmp_path):
 
     assert result.steps == 30
     for kind in ("last", "average"):
-        a, b = _weights(tmp_path / "a/run" / kind), _weights(tmp_path / "b/run" / kind)
+        a, b = weights(tmp_path / "a/run" / kind), weights(tmp_path / "b/run" / kind)
         for name in a:
             assert torch.equal(a[name], b[name]), (kind, name)
     steps = [r["step"] for r in bundle.load_metrics(tmp_path / "b/run") if r["kind"] == "train"]
@@ -66,14 +56,14 @@ def test_average_is_the_mean_of_the_last_validations(tmp_path):
     kept = snapshots.list_snapshots(tmp_path / "run")
     assert [p.name for p in kept] == [f"step_{s:09d}.safetensors" for s in (14, 21, 28)]
     files = [load_file(str(p)) for p in kept]
-    averaged = _weights(tmp_path / "run/average")
+    averaged = weights(tmp_path / "run/average")
     for name in files[0]:
         expected = sum(f[name].double() for f in files) / 3
         assert torch.allclose(averaged[name].double(), expected, atol=1e-7), name
     assert not torch.equal(
         averaged["decoder.rnn.weight_hh_l0"], files[-1]["decoder.rnn.weight_hh_l0"]
     ), "the average differs from the last snapshot"
-    last = _weights(tmp_path / "run/last")
+    last = weights(tmp_path / "run/last")
     assert torch.equal(
         trainer.model.state_dict()["decoder.rnn.weight_hh_l0"].cpu(),
         last["decoder.rnn.weight_hh_l0"],
@@ -107,7 +97,7 @@ def test_ensemble_run_trains_seeded_members_on_a_split_budget(tmp_path):
     first_time = json.loads((run / "member1" / FIT_RESULT).read_text())["elapsed"]
     assert members[0].max_time == 300.0
     assert members[1].max_time == pytest.approx(600.0 - first_time)
-    first, second = _weights(run / "member1/last"), _weights(run / "member2/last")
+    first, second = weights(run / "member1/last"), weights(run / "member2/last")
     assert not torch.equal(first["bridge.weight"], second["bridge.weight"])
     assert isinstance(bundle.load(result.best).model, Ensemble)
     assert result.steps == 28

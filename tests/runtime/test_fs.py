@@ -1,0 +1,119 @@
+"""Files and directories written whole or not at all, outputs that never clobber an
+input, and reads confined to their directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from seq2seq.model import bundle
+from seq2seq.runtime import fs
+from seq2seq.runtime.fs import OutputError, check_outputs, replace_on_success
+
+# ----------------------------------------------------------------- outputs vs inputs
+
+
+def test_outputs_are_compared_by_inode(tmp_path):
+    """A hard link is the same file under another name; a new path is no input."""
+    src = tmp_path / "in.txt"
+    src.write_text("x\n")
+    os.link(src, tmp_path / "hard.txt")
+    with pytest.raises(OutputError, match="same file as input"):
+        check_outputs({"output": str(tmp_path / "hard.txt")}, {"input": str(src)})
+    with pytest.raises(OutputError, match="same file as output"):
+        check_outputs({"output": "a.txt", "alignments": "./a.txt"}, {"input": str(src)})
+    check_outputs({"output": str(tmp_path / "new.txt")}, {"input": str(src), "stdin": None})
+    check_outputs({"output": "/dev/null", "alignments": "/dev/null"}, {"input": "/dev/null"})
+
+
+def test_output_to_a_device_writes_through_it(tmp_path):
+    """``output=/dev/null`` must not replace the device node with a regular file."""
+    before = os.stat("/dev/null")
+    with replace_on_success("/dev/null") as out:
+        out.write("discarded\n")
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    with replace_on_success(fifo) as out:
+        out.write("through\n")
+    assert reader.communicate(timeout=30)[0] == b"through\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+# ------------------------------------------------------------------- atomic writes
+
+
+def test_failed_file_write_keeps_the_old_file_and_its_mode(tmp_path):
+    path = tmp_path / "out.txt"
+    fs.write_text(path, "earlier\n")
+    path.chmod(0o640)
+    with pytest.raises(RuntimeError), fs.replace_on_success(path) as out:
+        out.write("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "earlier\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    fs.write_bytes(path, b"new\n")
+    assert path.read_bytes() == b"new\n"
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_write_through_a_symlink_replaces_its_target(tmp_path):
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    fs.write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+
+
+def test_failed_write_keeps_the_old_bundle(tmp_path, tiny_bundle):
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    before = (path / bundle.WEIGHTS).read_bytes()
+    with pytest.raises(RuntimeError), fs.atomic_directory(path) as tmp:
+        (tmp / bundle.WEIGHTS).write_bytes(b"half-written")
+        raise RuntimeError("killed")
+    assert (path / bundle.WEIGHTS).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_directory_swap_replaces_unless_asked_to_keep(tmp_path, replace):
+    """``replace=False`` (a cache built by several processes at once) keeps the copy
+    that another writer completed first and discards its own."""
+    path = tmp_path / "d"
+    with fs.atomic_directory(path) as tmp:
+        (tmp / "f").write_text("first")
+    with fs.atomic_directory(path, replace=replace) as tmp:
+        (tmp / "f").write_text("second")
+    assert (path / "f").read_text() == ("second" if replace else "first")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+# -------------------------------------------------------------------- confined reads
+
+
+class Refused(ValueError):
+    """The caller's own error for a file it must not read."""
+
+
+def test_reads_stay_inside_their_directory(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "small").write_bytes(b"12345")
+    (tmp_path / "outside").write_bytes(b"x")
+    (root / "link").symlink_to(tmp_path / "outside")
+    os.mkfifo(root / "fifo")
+    assert fs.read_bounded(root, "small", 5) == b"12345"
+    cases = [
+        ("link", "points outside the box"),
+        ("fifo", "not a regular file"),
+        ("small", "at most 4"),
+        ("absent", "has no absent"),
+    ]
+    for name, message in cases:
+        with pytest.raises(Refused, match=message):
+            fs.read_bounded(root, name, 4, error=Refused, within="the box")

@@ -1,0 +1,179 @@
+"""The apps' expected failures: one ``error:`` line and exit code 2, never a
+traceback; outputs never replace an input, and a failed run leaves earlier
+results as they were."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seq2seq import evaluate, train, translate
+from seq2seq.config import DecodeConfig
+from seq2seq.data.tokenizer import SRC_FILE, TGT_FILE
+from seq2seq.model import bundle
+from tests.helpers import copy_bundle, one_error_line
+
+# ------------------------------------ outputs never clobber inputs or earlier results
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "symlink"])
+def test_translate_refuses_output_that_is_its_input(
+    run_app, tiny_bundle, tmp_path, monkeypatch, spelling
+):
+    src = tmp_path / "in.txt"
+    src.write_text("one\ntwo\n")
+    monkeypatch.chdir(tmp_path)
+    output = {"same": str(src), "dot": "./in.txt", "symlink": str(tmp_path / "link.txt")}
+    (tmp_path / "link.txt").symlink_to(src)
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={src}", f"output={output[spelling]}"
+    )
+    one_error_line(code, err)
+    assert "same file as input" in err
+    assert src.read_text() == "one\ntwo\n"
+
+
+def test_failed_translation_leaves_the_existing_output_untouched(run_app, tiny_bundle, tmp_path):
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(b"fine\n\xff\xfe broken\n")
+    dst.write_text("earlier results\n")
+    code, _, err = run_app(translate.main, f"model={tiny_bundle}", f"input={src}", f"output={dst}")
+    one_error_line(code, err)
+    assert "not valid UTF-8" in err
+    assert dst.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+
+
+def test_a_line_of_nul_bytes_is_an_empty_line(run_app, tiny_bundle, tmp_path):
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(b"one two\n\x00\x00\x00\n \x00 \t\n")
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={src}", f"output={dst}", "scores=true"
+    )
+    assert code == 0, err
+    lines = dst.read_text().split("\n")
+    assert lines[1:] == ["\t0.0000", "\t0.0000", ""], lines
+    assert lines[0] != "\t0.0000"
+
+
+def test_evaluate_refuses_to_overwrite_its_reference(run_app, tiny_bundle, tmp_path, monkeypatch):
+    src, ref = tmp_path / "src.txt", tmp_path / evaluate.HYP_FILE
+    src.write_text("one\ntwo\n")
+    ref.write_text("eins\nzwei\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_app(evaluate.main, f"model={tiny_bundle}", f"src={src}", f"ref={ref}")
+    one_error_line(code, err)
+    assert "same file as ref 1" in err
+    assert ref.read_text() == "eins\nzwei\n"
+
+
+def test_evaluate_empty_files_is_an_error_not_a_crash(run_app, tmp_path):
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("")
+    ref.write_text("")
+    code, _, err = run_app(evaluate.main, f"hyp={hyp}", f"ref={ref}")
+    one_error_line(code, err)
+    assert "no lines" in err
+
+
+# ------------------------------------------------------------------ bad configuration
+
+
+@pytest.mark.parametrize(
+    ("app", "args", "message"),
+    [
+        (train.main, ["debug=tiny", "no_such_key=1"], "no_such_key"),
+        (train.main, ["debug=tiny", "train.max_steps=many"], "train.max_steps"),
+        (train.main, ["debug=no_such_option"], "no_such_option"),
+        (translate.main, ["model=m", "decode.beam=3"], "decode.beam"),
+        (evaluate.main, ["hyp=h", "ref=r", "tokenize=13a", "unknown=1"], "unknown"),
+    ],
+)
+def test_hydra_config_errors_are_one_line(run_app, tmp_path, app, args, message):
+    code, out, err = run_app(app, *args, f"hydra.run.dir={tmp_path}")
+    one_error_line(code, err)
+    assert message in err and out == ""
+
+
+def test_run_dir_that_is_a_file_is_one_line(run_app, tmp_path):
+    """Hydra creates the run directory before the app runs; its failure is worded too."""
+    (tmp_path / "file").write_text("")
+    code, _, err = run_app(train.main, "debug=tiny", f"run_dir={tmp_path / 'file'}")
+    one_error_line(code, err)
+    assert "File exists" in err
+
+
+def test_hydra_full_error_keeps_the_traceback(monkeypatch):
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setattr(sys, "argv", ["train", "debug=tiny", "no_such_key=1"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException):
+        train.main()
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["decode.alpha=nan", "decode.alpha=-1", "decode.beam_size=100000", "decode.max_len_a=inf"],
+)
+def test_decode_values_are_checked(run_app, tiny_bundle, tmp_path, override):
+    src = tmp_path / "in.txt"
+    src.write_text("one\n")
+    code, out, err = run_app(translate.main, f"model={tiny_bundle}", f"input={src}", override)
+    one_error_line(code, err)
+    assert override.split("=")[0] in err and out == ""
+
+
+def test_decode_config_default_is_valid():
+    """The defaults pass the checks that refuse bad values."""
+    from seq2seq.decoding.translator import check_decode
+
+    check_decode(DecodeConfig())
+
+
+# -------------------------------------------------------------------- damaged bundles
+
+
+def _edit_config(path: Path, edit) -> None:
+    raw = yaml.safe_load((path / bundle.CONFIG).read_text())
+    edit(raw)
+    (path / bundle.CONFIG).write_text(yaml.safe_dump(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("unknown_key", "does not fit the configuration schema"),
+        ("wrong_shape", "has shape"),
+        ("huge", "far more than its weights file"),
+        ("swapped_spm", "not the tokenizer this model was trained with"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, damage, message):
+    """Each fails before a tensor of the model is allocated (``huge`` would need 120 GB)."""
+    path = copy_bundle(tiny_bundle, tmp_path)
+    if damage == "unknown_key":
+        _edit_config(path, lambda raw: raw["model"].update(colour="blue"))
+    elif damage == "wrong_shape":
+        _edit_config(path, lambda raw: raw["model"].update(hidden_size=24))
+    elif damage == "huge":
+        huge = {"hidden_size": 100_000, "embedding_size": 40_000}
+        _edit_config(path, lambda raw: raw["model"].update(huge))
+    elif damage == "swapped_spm":
+        (path / SRC_FILE).rename(path / "x")
+        (path / TGT_FILE).rename(path / SRC_FILE)
+        (path / "x").rename(path / TGT_FILE)
+    else:
+        data = (path / bundle.WEIGHTS).read_bytes()
+        (path / bundle.WEIGHTS).write_bytes(data[: len(data) - 100])
+    src = tmp_path / "in.txt"
+    src.write_text("one\n")
+    code, out, err = run_app(translate.main, f"model={path}", f"input={src}")
+    one_error_line(code, err)
+    assert message in err and out == ""
