@@ -27,9 +27,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
     ``auto`` picks bf16 where the hardware computes it natively (CUDA with
     bf16 support, or a CPU with AVX-512 BF16 or AMX), where its matmuls run
-    several times faster than fp32 (about 4x on the 2-core machine the README
-    reports on); elsewhere bf16 would be emulated, so fp32 is used. Weights,
-    optimiser state and the softmax stay in fp32 either way.
+    several times faster than fp32; elsewhere bf16 would be emulated, so fp32 is
+    used. Weights, optimiser state and the softmax stay in fp32 either way.
     """
     if precision != "auto":
         return precision == "bf16"
