@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.decoding import plotting
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle
-from tests.helpers import ROOT, lively_model
+from tests.helpers import checkout_env, lively_model
 
 LIMIT = 30  # decode.max_input_tokens passed to the CLI
 
@@ -80,16 +79,12 @@ BASE = ["decode.beam_size=2", f"decode.max_input_tokens={LIMIT}"]
 
 def cli(app: str, *args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m seq2seq.<app>`` from ``cwd`` against this checkout."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     return subprocess.run(
         [sys.executable, "-m", f"seq2seq.{app}", *args],
         input=stdin,
         capture_output=True,
         cwd=cwd,
-        env=env,
+        env=checkout_env(),
         timeout=300,
     )
 

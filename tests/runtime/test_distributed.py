@@ -8,7 +8,6 @@ compared with one process fed the same global batches.
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from seq2seq.config import DecodeConfig, TranslateApp
 from seq2seq.decoding.sharding import Shard, count_lines, parse_shard, plan
 from seq2seq.model import bundle
 from seq2seq.runtime.distributed import RestartError, World, check_restartable
-from tests.helpers import ROOT
+from tests.helpers import checkout_env
 
 # Two gloo processes may wait on each other at most this long (seconds), so a rank
 # that misses a decision fails the test quickly instead of hanging it.
@@ -29,8 +28,7 @@ TIMEOUT = 60
 
 
 def _env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return checkout_env(OMP_NUM_THREADS="1")
 
 
 def launch(tmp_path: Path, run: str, *args: str, processes: int = 1) -> subprocess.Popen:
