@@ -135,16 +135,16 @@ def bench_train(args: argparse.Namespace) -> dict:
         trainer.train_data.batch(b) for b in batches[: 1 + args.warmup + args.train_steps]
     ]
     with FlopCounterMode(display=False) as counter:
-        trainer._train_step([batch_list[0]])
+        trainer.train_step([batch_list[0]])
     flops_per_token = counter.get_total_flops() / batch_list[0].n_tokens
     for batch in batch_list[1 : 1 + args.warmup]:
-        trainer._train_step([batch])
+        trainer.train_step([batch])
     timed = batch_list[1 + args.warmup : 1 + args.warmup + args.train_steps]
     tokens = sum(b.n_tokens for b in timed)
     sentences = sum(b.src.size(0) for b in timed)
     start = time.perf_counter()
     for batch in timed:
-        trainer._train_step([batch])
+        trainer.train_step([batch])
     seconds = time.perf_counter() - start
     rate = tokens / seconds
     peaks = matmul_peaks()

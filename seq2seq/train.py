@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -17,11 +17,14 @@ from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TrainApp, conf_dir
 from seq2seq.runtime import distributed
 from seq2seq.runtime.allocator import retain_freed_memory
+from seq2seq.runtime.fs import write_text
 from seq2seq.training.fit import fit
+from seq2seq.training.records import EnsembleRecord, Record, TrainRecord
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
 BUILTIN_RECIPE = "builtin_en_de"
+RECORD_DIR = ".hydra"  # where Hydra would keep its snapshot; conf/train.yaml turns Hydra's off
 
 
 class ProgressBar:
@@ -50,15 +53,15 @@ class ProgressBar:
         self.bar.set_postfix(fields | ({"lr": self.lr} if self.lr else {}), refresh=False)
         self.bar.update(0)
 
-    def on_record(self, record: dict[str, Any]) -> None:
-        if record["kind"] == "train":
-            self.lr = f"{record['lr']:.2e}"
-        elif record["kind"] == "ensemble":
-            self.bar.write(f"ensemble of {record['members']}: BLEU {record['bleu']:.2f}")
-        elif record["kind"] in ("valid", "average"):
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, TrainRecord):
+            self.lr = f"{record.lr:.2e}"
+        elif isinstance(record, EnsembleRecord):
+            self.bar.write(f"ensemble of {record.members}: BLEU {record.bleu:.2f}")
+        else:
             self.bar.write(
-                f"step {record['step']}: {record['kind']} loss {record['loss']:.3f} "
-                f"ppl {record['ppl']:.2f} BLEU {record['bleu']:.2f}"
+                f"step {record.step}: {record.kind} loss {record.loss:.3f} "
+                f"ppl {record.ppl:.2f} BLEU {record.bleu:.2f}"
             )
 
 
@@ -84,6 +87,29 @@ def check_recipe(config: TrainApp, recipe: str | None) -> None:
         )
 
 
+def config_record(cfg: DictConfig) -> Callable[[], None]:
+    """What writes the run's configuration record (``run_dir/.hydra``: the composed
+    config, Hydra's own and the command-line overrides) once training accepted it.
+
+    Why not Hydra's snapshot: Hydra writes it before the app starts, so a training
+    the run directory refuses (other model settings, say) would leave a record
+    that no longer describes the model trained there.
+    """
+    hydra_cfg = HydraConfig.get()
+    texts = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    folder = Path(hydra_cfg.runtime.output_dir) / RECORD_DIR
+
+    def write() -> None:
+        for name, text in texts.items():
+            write_text(folder / name, text)
+
+    return write
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _app(cfg: DictConfig) -> None:
     with expected_errors(), closing(ProgressBar()) as bar:
@@ -97,7 +123,12 @@ def _app(cfg: DictConfig) -> None:
                 logging.getLogger("seq2seq").setLevel(logging.WARNING)
             with logging_redirect_tqdm():  # log lines print above the bar, not through it
                 reporter = bar if world.is_main else None
-                result = fit(config, run_dir=Path(config.run_dir), reporter=reporter)
+                result = fit(
+                    config,
+                    run_dir=Path(config.run_dir),
+                    reporter=reporter,
+                    on_accepted=config_record(cfg),
+                )
     if not world.is_main:
         return
     print(f"stopped after {result.steps} steps, {result.elapsed:.0f}s: {result.stop_reason}")

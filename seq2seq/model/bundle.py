@@ -49,7 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from seq2seq.config import TrainApp
+from seq2seq.config import ModelConfig, TrainApp
 from seq2seq.data.tokenizer import PAD_ID, SRC_FILE, TGT_FILE, Tokenizer
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.model.model import Seq2Seq
@@ -228,7 +228,7 @@ def _load_single(root: Path, *, device: str | torch.device) -> Bundle:
     tokenizer = load_tokenizer(root)
     _check_size(root, config, tokenizer)
     try:
-        model = _model(config, tokenizer)
+        model = build_model(config.model, tokenizer)
     except (RuntimeError, ValueError, TypeError) as e:
         raise BundleError(f"{root / CONFIG}: the model it describes cannot be built: {e}") from e
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -263,9 +263,11 @@ def _check_size(root: Path, config: TrainApp, tokenizer: Tokenizer) -> None:
         )
 
 
-def _model(config: TrainApp, tokenizer: Tokenizer) -> Seq2Seq:
+def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> Seq2Seq:
+    """The model ``cfg`` describes, sized by the tokenizer's vocabularies: how
+    training builds one and how a bundle is loaded into one."""
     return Seq2Seq.from_config(
-        config.model,
+        cfg,
         src_vocab=tokenizer.src_vocab_size,
         tgt_vocab=tokenizer.tgt_vocab_size,
         pad_id=PAD_ID,

@@ -1,7 +1,7 @@
-"""Ensembles trained one member after another, and the one entry point for training.
+"""Where every training starts: one model, or an ensemble trained member by member.
 
-Why beside the trainer: a member is an ordinary run (its own directory,
-checkpoints and resume); what an ensemble adds is only the split of the time
+Why an ensemble is a sequence of ordinary runs: a member has its own directory,
+checkpoints and resume; what an ensemble adds is only the split of the time
 budget, the record of finished members and the ensemble bundle at the end.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,27 +19,42 @@ from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
 from seq2seq.runtime import distributed, fs
 from seq2seq.runtime.device import pick_device
-from seq2seq.training.trainer import FitResult, Reporter, Trainer, append_record, greedy_bleu
+from seq2seq.training import records, rundir
+from seq2seq.training.records import EnsembleRecord, Reporter
+from seq2seq.training.rundir import FIT_RESULT
+from seq2seq.training.trainer import FitResult, Trainer
+from seq2seq.training.validation import greedy_bleu
 
 logger = logging.getLogger(__name__)
 
-FIT_RESULT = "fit.json"
+Callback = Callable[[], None]
 
 
-def fit(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
-    """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`)."""
+def fit(
+    config: TrainApp,
+    *,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    on_accepted: Callback | None = None,
+) -> FitResult:
+    """Train one model, or with ``train.ensemble`` > 1 an ensemble (`fit_ensemble`).
+
+    ``on_accepted`` is called once (by rank 0) when the run directory accepted the
+    run and training is about to start; a refused run never calls it.
+    """
     if config.train.ensemble > 1:
-        return fit_ensemble(config, run_dir=run_dir, reporter=reporter)
-    return _trainer(config, run_dir=run_dir, reporter=reporter).fit()
+        return fit_ensemble(config, run_dir=run_dir, reporter=reporter, on_accepted=on_accepted)
+    trainer = Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
+    return trainer.fit(on_accepted=on_accepted)
 
 
-def _trainer(config: TrainApp, *, run_dir: Path, reporter: Reporter | None) -> Trainer:
-    """`Trainer.from_config`, which under torchrun lets rank 0 build the caches
-    (tokenizer, token data) before the other processes load them."""
-    return Trainer.from_config(config, run_dir=run_dir, reporter=reporter)
-
-
-def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None) -> FitResult:
+def fit_ensemble(
+    config: TrainApp,
+    *,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    on_accepted: Callback | None = None,
+) -> FitResult:
     """Train ``train.ensemble`` members one after another, then write ``best`` as an
     ensemble bundle of their ``best`` bundles and record its validation BLEU.
 
@@ -52,6 +68,8 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
     t = config.train
     if t.ensemble < 2:
         raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
+    rundir.check_kind(Path(run_dir), ensemble=True)
+    accepted = _once(on_accepted)
     results: list[FitResult] = []
     for k in range(1, t.ensemble + 1):
         member_dir = Path(run_dir) / f"member{k}"
@@ -65,22 +83,32 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
             logger.info("ensemble member %d already trained (%s)", k, done)
             results.append(_read_fit_result(done))
             continue
-        results.append(_trainer(member, run_dir=member_dir, reporter=reporter).fit())
+        trainer = Trainer.from_config(member, run_dir=member_dir, reporter=reporter)
+        results.append(trainer.fit(on_accepted=accepted))
         if distributed.current().is_main:
             fs.write_bytes(done, _fit_result_json(results[-1]))
     if not distributed.current().is_main:  # the ensemble bundle is rank 0's to write
         return replace(results[-1], best=Path(run_dir) / "best")
-    best = bundle_io.save_ensemble(Path(run_dir) / "best", [r.best for r in results])
-    device = pick_device(t.device)
+    accepted()
+    return _ensemble_result(config, Path(run_dir), results, reporter)
+
+
+def _ensemble_result(
+    config: TrainApp, run_dir: Path, results: list[FitResult], reporter: Reporter | None
+) -> FitResult:
+    """Write the ensemble bundle of the members' ``best``, validate and record it."""
+    best = bundle_io.save_ensemble(run_dir / "best", [r.best for r in results])
+    device = pick_device(config.train.device)
     loaded = bundle_io.load(best, device=device)
     valid = load_split(config.data, "valid")
     translator = Translator(loaded.model, loaded.tokenizer, config.decode, device=device)
-    score = greedy_bleu(
-        translator, list(valid["src"]), list(valid["tgt"]), limit=t.valid_max_sentences
-    )
+    limit = config.train.valid_max_sentences
+    score = greedy_bleu(translator, list(valid["src"]), list(valid["tgt"]), limit=limit)
     elapsed = sum(r.elapsed for r in results)
-    record = {"kind": "ensemble", "members": t.ensemble, "bleu": score}
-    append_record(Path(run_dir), record | {"elapsed": round(elapsed, 2)}, reporter)
+    record = EnsembleRecord(members=len(results), bleu=score, elapsed=round(elapsed, 2))
+    records.append(run_dir, record)
+    if reporter:
+        reporter.on_record(record)
     return FitResult(
         best=best,
         last=results[-1].last,
@@ -89,6 +117,18 @@ def fit_ensemble(config: TrainApp, *, run_dir: Path, reporter: Reporter | None =
         elapsed=elapsed,
         stop_reason="; ".join(f"member {k}: {r.stop_reason}" for k, r in enumerate(results, 1)),
     )
+
+
+def _once(callback: Callback | None) -> Callback:
+    """``callback`` on the first call only (none at all when it is None)."""
+    called = [callback is None]
+
+    def call() -> None:
+        if not called[0] and callback is not None:
+            called[0] = True
+            callback()
+
+    return call
 
 
 def _member_time(t: TrainingConfig, done: list[FitResult]) -> float:

@@ -31,24 +31,25 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from safetensors import safe_open
 
-from seq2seq.config import OptimConfig, TrainApp
+from seq2seq.config import TrainApp
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.model import bundle as bundle_io
 from seq2seq.runtime import fs
+from seq2seq.training import records, state
 from seq2seq.training.snapshots import SNAPSHOT_DIR
 
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 MANIFEST = "run.json"
+FIT_RESULT = "fit.json"  # a finished ensemble member's result (`seq2seq.training.fit`)
 PREVIOUS_METRICS = "metrics.previous.jsonl"
 BUNDLES = ("last", "best", "average")
 # Settings a checkpoint cannot survive: they change the corpus, the pieces or the
@@ -147,8 +148,58 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------- manifest
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """What ``run.json`` records: the protected settings (dotted keys), a key of
+    the training data, the tokenizer's SHA-256, and whether the run finished.
+
+    ``data_key`` and ``tokenizer_sha256`` are None in a manifest written before
+    they were recorded: such a run is not checked against them.
+    """
+
+    settings: dict[str, Any]
+    data_key: str | None = None
+    tokenizer_sha256: str | None = None
+    state: Literal["running", "finished"] = "running"
+    stop_reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "stop_reason": self.stop_reason,
+            "settings": self.settings,
+            "config_hash": digest(self.settings),
+            "data_key": self.data_key,
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Manifest:
+        settings = raw.get("settings")
+        return cls(
+            settings=settings if isinstance(settings, dict) else {},
+            data_key=_text(raw.get("data_key")),
+            tokenizer_sha256=_text(raw.get("tokenizer_sha256")),
+            state="finished" if raw.get("state") == "finished" else "running",
+            stop_reason=_text(raw.get("stop_reason")) or "",
+        )
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Manifest | None:
+        raw = read_manifest(run_dir)
+        return cls.from_json(raw) if raw is not None else None
+
+    def write(self, run_dir: Path) -> None:
+        write_manifest(run_dir, self.to_json())
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The run's manifest, or None when the directory has none (or it is unreadable)."""
+    """The run's manifest as its JSON object, or None when the directory has none
+    (or it is unreadable)."""
     path = run_dir / MANIFEST
     try:
         data = json.loads(path.read_text())
@@ -181,11 +232,13 @@ def _checkpoint_step(path: Path) -> int | None:
             return None
         with safe_open(str(path / bundle_io.WEIGHTS), framework="pt"):
             pass
-        state = bundle_io.load_trainer_state(path)
+        checkpoint = state.load(path)
+    except state.CheckpointError:
+        raise  # complete, but not readable by this version: say so, do not drop it
     except Exception as e:  # any unreadable copy is simply not a candidate
         logger.debug("checkpoint candidate %s is incomplete: %s", path, e)
         return None
-    return int(state["step"]) if state and "step" in state else None
+    return checkpoint.state.step if checkpoint else None
 
 
 def _candidates(run_dir: Path, name: str) -> list[Path]:
@@ -218,7 +271,7 @@ def _remove_temporaries(run_dir: Path) -> None:
     stale: list[Path] = []
     for name in BUNDLES:
         stale += [run_dir / f"{name}.old", *run_dir.glob(f".{name}.tmp-*")]
-    for name in (bundle_io.METRICS, MANIFEST, "fit.json"):
+    for name in (bundle_io.METRICS, MANIFEST, FIT_RESULT):
         stale += run_dir.glob(f".{name}.*")
     snapshot_dir = run_dir / SNAPSHOT_DIR
     if snapshot_dir.is_dir():
@@ -228,17 +281,6 @@ def _remove_temporaries(run_dir: Path) -> None:
         fs.remove_entry(path)
 
 
-def lost_checkpoint(run_dir: Path) -> bool:
-    """Whether the run got past its first checkpoint, though none is left now.
-
-    Every regular validation appends its record and then writes ``last/``; a
-    second validation step on record therefore means the first checkpoint was
-    complete, and a restart from step 0 would silently discard that work.
-    """
-    steps = {r.get("step") for r in bundle_io.load_metrics(run_dir) if r.get("kind") == "valid"}
-    return len(steps) >= 2
-
-
 def _clear_unfinished_start(run_dir: Path) -> None:
     """Records of an attempt killed before its first checkpoint: a restart from step 0
     writes them again, so they go (``best/`` stays, guarded by its recorded BLEU)."""
@@ -246,26 +288,6 @@ def _clear_unfinished_start(run_dir: Path) -> None:
     if metrics.is_file() and metrics.stat().st_size:
         logger.warning("no checkpoint in %s yet: starting from step 0", run_dir)
         metrics.unlink()
-
-
-def recorded_best_bleu(run_dir: Path) -> float:
-    """The validation BLEU of the model in ``best/`` (-1 when there is none)."""
-    path = run_dir / "best"
-    if not path.is_dir():
-        return -1.0
-    scores = [float(r["best_bleu"]) for r in bundle_io.load_metrics(path) if "best_bleu" in r]
-    return max(scores, default=-1.0)
-
-
-def records_until(run_dir: Path, checkpoint: Path, step: int) -> list[dict[str, Any]]:
-    """The metrics records of a run resumed at ``step``: the run's own up to that step,
-    or, when they fall short of what the checkpoint saw (it was recovered from a
-    temporary copy whose records never reached the run's file), the checkpoint's."""
-    kept = [r for r in bundle_io.load_metrics(run_dir) if r["step"] <= step]
-    saved = bundle_io.load_metrics(checkpoint)
-    if kept[: len(saved)] == saved:
-        return kept
-    return saved + [r for r in kept if r["step"] == step and r not in saved]
 
 
 # ---------------------------------------------------------------------------- run
@@ -279,12 +301,13 @@ class Run:
     config: TrainApp
     lock: RunLock | None  # None: a follower (torchrun rank > 0), which never writes
     checkpoint: Path | None
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
 
     @property
     def finished(self) -> bool:
         """Whether the run ended before (it may still go on under a larger budget)."""
-        return self.checkpoint is not None and self.manifest.get("state") == "finished"
+        done = self.manifest is not None and self.manifest.state == "finished"
+        return self.checkpoint is not None and done
 
     def checkpoint_tokenizer(self) -> Tokenizer | None:
         """The tokenizer the checkpoint was trained with; None when starting afresh."""
@@ -296,34 +319,38 @@ class Run:
     def begin(self, *, data_key: str, tokenizer: Tokenizer) -> None:
         """Check that the data and tokenizer are the run's, then record them."""
         old, tok = self.manifest, tokenizer_digest(tokenizer)
-        if self.checkpoint is not None and old.get("data_key", data_key) != data_key:
-            raise RunDirError(
-                f"the training data of {self.run_dir} changed since the run started "
-                f"(same settings, different lines); resuming would train on other data: "
-                f"{FRESH_HINT}"
+        if self.checkpoint is not None and old is not None:
+            if old.data_key not in (None, data_key):
+                raise RunDirError(
+                    f"the training data of {self.run_dir} changed since the run started "
+                    f"(same settings, different lines); resuming would train on other data: "
+                    f"{FRESH_HINT}"
+                )
+            if old.tokenizer_sha256 not in (None, tok):
+                raise RunDirError(
+                    f"{self.checkpoint} holds another tokenizer than the one {self.run_dir} "
+                    f"started with: {FRESH_HINT}"
+                )
+        kept = old if self.checkpoint is not None and old is not None else None
+        self._record(
+            Manifest(
+                settings=protected(settings(self.config)),
+                data_key=data_key,
+                tokenizer_sha256=tok,
+                state=kept.state if kept else "running",
+                stop_reason=kept.stop_reason if kept else "",
             )
-        if self.checkpoint is not None and old.get("tokenizer_sha256", tok) != tok:
-            raise RunDirError(
-                f"{self.checkpoint} holds another tokenizer than the one {self.run_dir} "
-                f"started with: {FRESH_HINT}"
-            )
-        fixed = protected(settings(self.config))
-        self.manifest = {
-            "state": old.get("state", "running") if self.checkpoint else "running",
-            "stop_reason": old.get("stop_reason", "") if self.checkpoint else "",
-            "settings": fixed,
-            "config_hash": digest(fixed),
-            "data_key": data_key,
-            "tokenizer_sha256": tok,
-        }
-        if self.lock is not None:
-            write_manifest(self.run_dir, self.manifest)
+        )
 
-    def mark(self, state: str, reason: str = "") -> None:
+    def mark(self, progress: Literal["running", "finished"], reason: str = "") -> None:
         """Record ``running`` or ``finished`` (with the stop reason) in the manifest."""
-        self.manifest.update(state=state, stop_reason=reason)
+        if self.manifest is not None:
+            self._record(dataclasses.replace(self.manifest, state=progress, stop_reason=reason))
+
+    def _record(self, manifest: Manifest) -> None:
+        self.manifest = manifest
         if self.lock is not None:
-            write_manifest(self.run_dir, self.manifest)
+            manifest.write(self.run_dir)
 
     def close(self) -> None:
         if self.lock is not None:
@@ -339,22 +366,24 @@ def open_run(config: TrainApp, run_dir: Path, *, follower: bool = False) -> Run:
 
     Raises:
         RunLockedError: another process trains here.
-        RunDirError: resuming would change the run's data, tokenizer or model, or
-            the directory holds earlier work but no checkpoint to resume from.
+        RunDirError: resuming would change the run's data, tokenizer or model, the
+            directory holds an ensemble's run, or it holds earlier work but no
+            checkpoint to resume from.
     """
     run_dir = Path(run_dir)
     if follower:
         last = run_dir / "last"
         resumable = config.train.resume and _checkpoint_step(last) is not None
-        return Run(run_dir, config, None, last if resumable else None, read_manifest(run_dir) or {})
+        return Run(run_dir, config, None, last if resumable else None, Manifest.read(run_dir))
+    check_kind(run_dir, ensemble=False)
     lock = RunLock(run_dir)
     try:
         checkpoint = recover(run_dir)
-        manifest = read_manifest(run_dir) or {}
+        manifest = Manifest.read(run_dir)
         if not config.train.resume:
             _start_afresh(run_dir, checkpoint)
-            return Run(run_dir, config, lock, None, {})
-        if checkpoint is None and lost_checkpoint(run_dir):
+            return Run(run_dir, config, lock, None)
+        if checkpoint is None and records.lost_checkpoint(run_dir):
             raise RunDirError(
                 f"{run_dir} holds earlier work (validation records of several steps) but "
                 f"no complete checkpoint to resume from (last/ is missing or incomplete): "
@@ -370,13 +399,37 @@ def open_run(config: TrainApp, run_dir: Path, *, follower: bool = False) -> Run:
         raise
 
 
+def check_kind(run_dir: Path, *, ensemble: bool) -> None:
+    """A run directory holds one model or one ensemble for its whole life.
+
+    Why: an ensemble trains its members in ``memberK/`` and writes ``best/`` as an
+    ensemble bundle, so started on a single model's directory it would orphan
+    ``last/`` and replace ``best/``; a single model started on an ensemble's
+    directory would replace the ensemble's ``best/``. Either changes the model,
+    which a resumed run refuses, and ``train.resume=false`` would not undo it.
+    """
+    single = [n for n in (MANIFEST, "last", "last.old") if os.path.lexists(run_dir / n)]
+    members = [n for n in ("member1", f"best/{bundle_io.ENSEMBLE}") if (run_dir / n).exists()]
+    if ensemble and single:
+        raise RunDirError(
+            f"{run_dir} holds a single model's run ({single[0]}); train.ensemble > 1 would "
+            "replace it with an ensemble: keep train.ensemble=1, or choose another run_dir"
+        )
+    if not ensemble and members:
+        raise RunDirError(
+            f"{run_dir} holds an ensemble's run ({members[0]}); train.ensemble=1 would "
+            "replace it with a single model: set train.ensemble as the run was started, "
+            "or choose another run_dir"
+        )
+
+
 def _check_settings(
-    run_dir: Path, config: TrainApp, manifest: dict[str, Any], checkpoint: Path
+    run_dir: Path, config: TrainApp, manifest: Manifest | None, checkpoint: Path
 ) -> None:
     """Refuse changed data/tokenizer/model settings; log the changes that apply."""
     before = settings(bundle_io.load_config(checkpoint))
     now = settings(config)
-    fixed_before = manifest.get("settings") or protected(before)
+    fixed_before = (manifest.settings if manifest else None) or protected(before)
     # Keys the run's record lacks came with a newer schema: their defaults apply.
     refused = changes(fixed_before, {k: v for k, v in protected(now).items() if k in fixed_before})
     if refused:
@@ -407,32 +460,3 @@ def _start_afresh(run_dir: Path, checkpoint: Path | None) -> None:
             run_dir,
             ", ".join(p.name for p in dropped),
         )
-
-
-# ---------------------------------------------------------------- optimiser changes
-
-
-def apply_optim_changes(
-    param_groups: Iterable[dict[str, Any]], scheduler: Any, old: OptimConfig, new: OptimConfig
-) -> None:
-    """Make changed optimiser settings take effect after the optimiser and scheduler
-    states (which carry the old values) were loaded.
-
-    The rate is scaled by ``new.lr / old.lr`` so a schedule's progress (warm-up,
-    plateau halvings) carries over to the new base rate.
-    """
-    scale = new.lr / old.lr if old.lr else 1.0
-    groups = list(param_groups)
-    for group in groups:
-        if scale != 1.0:
-            group["lr"] *= scale
-            if "initial_lr" in group:
-                group["initial_lr"] = new.lr
-        group["betas"] = (new.beta1, new.beta2)
-        group["weight_decay"] = new.weight_decay
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [new.lr] * len(groups)
-    if hasattr(scheduler, "min_lrs"):  # ReduceLROnPlateau
-        scheduler.factor = new.plateau_factor
-        scheduler.patience = new.plateau_patience
-        scheduler.min_lrs = [new.min_lr] * len(groups)

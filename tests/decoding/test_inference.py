@@ -8,7 +8,7 @@ import torch
 from seq2seq.config import OptimConfig
 from seq2seq.data.batching import collate
 from seq2seq.decoding import inference
-from seq2seq.training.trainer import build_optimizer
+from seq2seq.training.optim import build_optimizer
 from tests.helpers import tiny_model
 
 VARIANTS = [

@@ -14,7 +14,7 @@ from seq2seq.decoding.search import beam_search
 from seq2seq.decoding.translator import TextHypothesis, Translator, check_decode
 from seq2seq.model import bundle
 from seq2seq.runtime.device import pick_device
-from seq2seq.training.trainer import greedy_bleu
+from seq2seq.training.validation import greedy_bleu
 from tests.helpers import lively_model
 
 LIMIT = 30  # decode.max_input_tokens in these tests

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seq2seq.config import OptimConfig
-from seq2seq.training.trainer import build_optimizer, build_scheduler
+from seq2seq.training.optim import build_optimizer, build_scheduler
 
 
 def _model() -> torch.nn.Module:
