@@ -56,6 +56,14 @@ class Cell(Choice):
     rnn = "rnn"
 
 
+class RnnImpl(Choice):
+    """Who runs a one-layer GRU's recurrence (``seq2seq.model.gru.recurrence_impl``)."""
+
+    auto = "auto"
+    handwritten = "handwritten"
+    torch = "torch"
+
+
 class AttentionKind(Choice):
     bahdanau = "bahdanau"
     luong = "luong"
@@ -192,6 +200,11 @@ class ModelConfig:
     softmax_head: int = (
         0  # > 0: two-level softmax with this many head pieces (seq2seq.model.softmax)
     )
+    # Which code runs a one-layer GRU's recurrence: seq2seq.model.gru's hand-written
+    # loop, PyTorch's nn.GRU (cuDNN's fused kernels on CUDA), or auto: the one measured
+    # faster on the device. Same parameters and results either way, so a checkpoint
+    # resumes and a bundle loads under any of them.
+    rnn_impl: RnnImpl = RnnImpl.auto
 
 
 # ------------------------------------------------------------------------- training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,16 @@ def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never touch the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where device-sensitive tests run: ``SEQ2SEQ_TEST_DEVICE`` (``cpu`` by default;
+    ``scripts/gpu_check.sh`` sets ``cuda``)."""
+    name = os.environ.get("SEQ2SEQ_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"SEQ2SEQ_TEST_DEVICE={name} but CUDA is not available")
+    return torch.device(name)
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from seq2seq.decoding import inference
-from seq2seq.decoding.search import LogProbs
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.model.model import Seq2Seq
+from seq2seq.model.softmax import FullScores
 
 __all__ = ["EnsembleInference", "Members", "for_search"]
 
@@ -61,7 +61,7 @@ class EnsembleInference:
 
     def step(
         self, prev_tokens: Tensor, state: Members, enc: Members
-    ) -> tuple[LogProbs, Members, Tensor]:
+    ) -> tuple[FullScores, Members, Tensor]:
         """One step of every member: the mean of their log-probs (N, V), their states,
         and the mean of their attention weights (N, S)."""
         log_probs, states, weights = [], [], []
@@ -71,4 +71,4 @@ class EnsembleInference:
             states.append(new_state)
             weights.append(attn.float())
         mean = torch.stack(log_probs).mean(0)
-        return LogProbs(mean), Members(tuple(states)), torch.stack(weights).mean(0)
+        return FullScores(mean), Members(tuple(states)), torch.stack(weights).mean(0)

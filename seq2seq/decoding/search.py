@@ -8,7 +8,7 @@ A step's scores come in two levels (`TokenScores`): a head ranked for every row 
 that a two-level softmax scores only on demand. Search owns the rules: which rows need
 their tail (`_tail_rows`: only those where a tail token could reach what search reads),
 and EOS forced at a sentence's budget (`_force_eos`). A model that scores every token
-wraps its logits in `LogProbs` and has no tail.
+wraps its logits in ``seq2seq.model.softmax.FullScores`` and has no tail.
 
 Both searches keep the whole batch in tensors and never loop over sentences or hypotheses
 inside the step loop. A sentence's output never depends on its batch: its maximum length,
@@ -48,7 +48,6 @@ from torch import Tensor
 
 __all__ = [
     "Hypothesis",
-    "LogProbs",
     "Searchable",
     "Selectable",
     "TokenScores",
@@ -121,35 +120,6 @@ class Searchable(Protocol):
         """One step from ``prev_tokens`` (N,): the next-token scores, the new state
         (a `Selectable`), attention (N, S)."""
         ...
-
-
-class LogProbs:
-    """`TokenScores` of a one-level distribution given as (N, V) logits or log-probs:
-    for models that score every token (ensembles, test models).
-
-    Normalised here in one fused pass, so a model may return either.
-    """
-
-    def __init__(self, logits: Tensor) -> None:
-        self.table = torch.log_softmax(logits.float(), dim=-1)
-        self.head_size = self.table.size(-1)
-
-    def head(self, width: int) -> tuple[Tensor, Tensor]:
-        best, ids = self.table.topk(min(width, self.head_size), dim=-1)
-        return best, ids
-
-    def log_prob(self, token: int) -> Tensor:
-        return self.table[:, token]
-
-    def tail_bound(self) -> None:
-        return None
-
-    def tail(self, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        empty = self.table.new_empty(rows.numel(), 0)
-        return empty, torch.empty_like(empty, dtype=torch.long)
-
-    def log_probs(self) -> Tensor:
-        return self.table
 
 
 @dataclass

@@ -24,6 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Upper bound on the elements of one additive-attention score tensor (B, t, S, A);
+# longer targets are attended in chunks of steps so memory stays bounded.
+CHUNK_ELEMENTS = 1 << 24
+
 
 def _gates(keys: Tensor, queries: Tensor) -> Tensor:
     """(B, T, S, A) ``sigmoid(2k + 2q)`` of doubled keys and queries, every pair."""
@@ -65,6 +69,9 @@ def additive_scores(keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
     """Additive attention scores, shifted per query by a constant that the softmax
     over keys cancels: the weights equal ``softmax(v^T tanh(k + q))``.
 
+    Long targets are scored in chunks of queries, so the (B, t, S, A) tensor of
+    one chunk stays below ``CHUNK_ELEMENTS`` whatever the batch's length.
+
     Args:
         keys: (B, S, A) doubled key projections ``2 W_k h_s``.
         queries: (B, T, A) doubled query projections ``2 (W_q s_t + b)``.
@@ -73,6 +80,16 @@ def additive_scores(keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
     Returns:
         (B, T, S) scores ``2 v^T sigmoid(keys + queries)``; differentiable in all three.
     """
+    batch, steps, size = queries.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
+    if chunk >= steps:
+        return _scores(keys, queries, v)
+    parts = [_scores(keys, queries[:, t : t + chunk], v) for t in range(0, steps, chunk)]
+    return torch.cat(parts, dim=1)
+
+
+def _scores(keys: Tensor, queries: Tensor, v: Tensor) -> Tensor:
+    """``additive_scores`` of one chunk of queries."""
     if torch.is_grad_enabled() or keys.dtype != torch.float32:
         return _AdditiveScores.apply(keys, queries, v)
     # Without a graph in fp32 (search, validation), ``v`` is applied by MKL's

@@ -20,14 +20,31 @@ The gate layout and equations are PyTorch's (r, z, n order):
 so an ``nn.GRU``'s parameters plug in unchanged (``x = W_ih input + b_ih``).
 Every tensor must share one dtype: under bf16 autocast the caller casts the
 weights, as ``nn.GRU`` under autocast does.
+
+``encoder_recurrence`` and ``decoder_recurrence`` are the model's two entry points:
+each runs its recurrence either here or through the ``nn.GRU`` module itself
+(cuDNN's fused kernels on CUDA), as ``model.rnn_impl`` and the device choose
+(``recurrence_impl``). Other cells and deeper stacks always run through the module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from seq2seq.config import Cell, RnnImpl
+
+RnnState = Tensor | tuple[Tensor, Tensor]
+
+# What ``model.rnn_impl=auto`` runs per device type. The hand-written recurrence
+# wins on CPU; on CUDA it stays the default until ``scripts/gpu_check.py`` has
+# measured both there (docs/benchmarks.md holds the figures).
+AUTO: dict[str, RnnImpl] = {"cpu": RnnImpl.handwritten, "cuda": RnnImpl.handwritten}
 
 
 def gru_cell(
@@ -210,3 +227,118 @@ def bidirectional_gru(x: Tensor, lengths: Tensor, rnn: nn.GRU) -> tuple[Tensor, 
     )
     states = torch.cat([out[0], backward_states], dim=-1) * real[..., None]
     return states, final
+
+
+# ----------------------------------------------------------- the model's entry points
+
+
+def rnn_module(
+    cell: Cell,
+    input_size: int,
+    hidden_size: int,
+    *,
+    layers: int,
+    dropout: float,
+    bidirectional: bool = False,
+) -> nn.RNNBase:
+    """PyTorch's batch-first RNN module for ``cell``, with dropout between layers:
+    the parameters every implementation reads."""
+    classes: dict[Cell, Callable[..., nn.RNNBase]] = {
+        Cell.gru: nn.GRU,
+        Cell.lstm: nn.LSTM,
+        Cell.rnn: nn.RNN,
+    }
+    return classes[cell](
+        input_size,
+        hidden_size,
+        num_layers=layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        dropout=dropout if layers > 1 else 0.0,
+    )
+
+
+def recurrence_impl(setting: RnnImpl | str, device: torch.device) -> RnnImpl:
+    """The implementation that runs on ``device`` for ``model.rnn_impl=setting``."""
+    impl = RnnImpl.parse(setting, "model.rnn_impl")
+    if impl != RnnImpl.auto:
+        return impl
+    return AUTO.get(device.type, RnnImpl.handwritten)
+
+
+def fusable(rnn: nn.RNNBase) -> bool:
+    """Whether this module's recurrence can run here: a one-layer GRU."""
+    return isinstance(rnn, nn.GRU) and rnn.num_layers == 1
+
+
+def layer_weight(rnn: nn.RNNBase, name: str) -> Tensor:
+    """A weight of the RNN's first layer by PyTorch's name (``weight_ih`` ...)."""
+    return rnn.get_parameter(f"{name}_l0")
+
+
+def encoder_recurrence(
+    x: Tensor, lengths: Tensor, rnn: nn.RNNBase, *, impl: RnnImpl | str
+) -> tuple[Tensor, Tensor]:
+    """A bidirectional RNN over the padded batch ``x`` (B, S, E) with real ``lengths``
+    (B,): states (B, S, H), zero on padding, and ``[h_fwd_last; h_bwd_first]`` of the
+    top layer, (B, H). Padding never changes a sentence's states on either path."""
+    if fusable(rnn) and recurrence_impl(impl, x.device) == RnnImpl.handwritten:
+        return bidirectional_gru(x, lengths, rnn)  # type: ignore[arg-type]
+    # The packed path needs the lengths on the CPU: one copy per batch.
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, final = rnn(packed)
+    states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+    h_n = final[0] if isinstance(final, tuple) else final  # (2L, B, H/2)
+    return states, torch.cat([h_n[-2], h_n[-1]], dim=-1)
+
+
+def context_gates(rnn: nn.RNNBase, context: Tensor) -> Tensor:
+    """(B, 3H) the context vector's share of a one-layer GRU decoder's input gates,
+    ``W_ih[:, E:] c + b_ih``, for an input ``[y; c]`` whose last H features are c.
+
+    Why: c is the same at every step, so this product (two thirds of the GRU's
+    input projection) is computed once per sentence instead of once per step.
+    """
+    weight = layer_weight(rnn, "weight_ih")[:, rnn.input_size - context.size(-1) :]
+    return F.linear(context.to(weight.dtype), weight, layer_weight(rnn, "bias_ih"))
+
+
+def decoder_recurrence(
+    rnn: nn.RNNBase, emb: Tensor, context: Tensor, state: RnnState, *, impl: RnnImpl | str
+) -> tuple[Tensor, RnnState]:
+    """The decoder RNN over ``[y_{t-1}; c]`` for all T steps at once.
+
+    Args:
+        rnn: the decoder's batch-first RNN, input size E + H.
+        emb: (B, T, E) previous-token embeddings.
+        context: (B, H) the context vector c, the same at every step.
+        state: the RNN's state before the first step, as ``nn.RNNBase`` takes it.
+
+    Returns:
+        (B, T, H) the top layer's state after every step, and the state after the last.
+    """
+    if fusable(rnn) and recurrence_impl(impl, emb.device) == RnnImpl.handwritten:
+        hidden = state[0] if isinstance(state, tuple) else state
+        outputs = _decoder_steps(rnn, emb, context_gates(rnn, context), hidden[0])
+        return outputs, outputs[:, -1][None]
+    rnn_in = torch.cat([emb, context[:, None, :].expand(-1, emb.size(1), -1).to(emb.dtype)], -1)
+    outputs, new_state = rnn(rnn_in, state)
+    return outputs, new_state
+
+
+def _decoder_steps(rnn: nn.RNNBase, emb: Tensor, gates_c: Tensor, h0: Tensor) -> Tensor:
+    """All T steps of the one-layer GRU here: (B, T, H).
+
+    The input gates of every step come from one matmul over the embeddings plus
+    c's share (``gates_c``), computed once per sentence. Under autocast every
+    tensor goes in the matmul dtype, as ``nn.GRU`` would.
+    """
+    weight = layer_weight(rnn, "weight_ih")[:, : emb.size(-1)]
+    gates_x = F.linear(emb, weight) + gates_c[:, None]  # W_ih[:, :E] emb + c's share
+    dtype = gates_x.dtype
+    return gru_recurrence(
+        gates_x,
+        h0.to(dtype),
+        layer_weight(rnn, "weight_hh").to(dtype),
+        layer_weight(rnn, "bias_hh").to(dtype),
+    )

@@ -31,29 +31,16 @@ V vocabulary, L layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.config import AttentionKind, Cell, ModelConfig
-from seq2seq.model import softmax
+from seq2seq.config import AttentionKind, Cell, ModelConfig, RnnImpl
+from seq2seq.model import gru, softmax
 from seq2seq.model.additive import additive_scores
-from seq2seq.model.gru import bidirectional_gru, gru_recurrence
+from seq2seq.model.dropout import Dropout
 from seq2seq.model.loss import masked_cross_entropy
-
-_RNN_CLASSES: dict[Cell, Callable[..., nn.RNNBase]] = {
-    Cell.gru: nn.GRU,
-    Cell.lstm: nn.LSTM,
-    Cell.rnn: nn.RNN,
-}
-
-# Upper bound on the elements of one additive-attention score tensor (B, t, S, A);
-# longer targets are attended in chunks of steps so memory stays bounded.
-_ADDITIVE_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -103,33 +90,6 @@ class DecoderState:
         if isinstance(state, tuple):
             return DecoderState(state[0], state[1])
         return DecoderState(state)
-
-
-# -------------------------------------------------------------------------- dropout
-
-
-class Dropout(nn.Module):
-    """Inverted dropout (``nn.Dropout``'s semantics) with a cheaper random mask.
-
-    Why: on CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, which costs
-    several times a uniform draw compared with ``p``; with three dropouts per
-    training step that made it the largest elementwise cost after the loss.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.dropout={p} must be in [0, 1)")
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # ------------------------------------------------------------------------ attention
@@ -198,11 +158,7 @@ class Attention(nn.Module):
 
     def _additive(self, query: Tensor, keys: Tensor) -> Tensor:
         q = 2 * self.query_proj(query)  # (B, T, A), doubled as the keys are
-        v = self.v.weight[0].to(q.dtype)
-        batch, steps, size = q.shape
-        chunk = max(1, _ADDITIVE_CHUNK_ELEMENTS // max(1, batch * keys.size(1) * size))
-        parts = [additive_scores(keys, q[:, t : t + chunk], v) for t in range(0, steps, chunk)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return additive_scores(keys, q, self.v.weight[0].to(q.dtype))
 
 
 # -------------------------------------------------------------------------- encoder
@@ -211,23 +167,25 @@ class Attention(nn.Module):
 class Encoder(nn.Module):
     """Embeddings -> bidirectional RNN over packed sequences -> states and summary.
 
-    On CPU a one-layer GRU runs through ``seq2seq.model.gru.bidirectional_gru`` instead
-    of ``nn.GRU``: the same result from the same parameters, faster to train. On
-    CUDA, cuDNN's fused packed GRU is the faster one and stays.
+    A one-layer GRU runs through ``seq2seq.model.gru.bidirectional_gru`` or ``nn.GRU``
+    as ``model.rnn_impl`` says (``seq2seq.model.gru.encoder_recurrence``): the same
+    result from the same parameters.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, pad_id: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.embedding_size, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
-        self.rnn = _RNN_CLASSES[Cell.parse(cfg.cell, "model.cell")](
+        cell = Cell.parse(cfg.cell, "model.cell")
+        self.rnn = gru.rnn_module(
+            cell,
             cfg.embedding_size,
             cfg.hidden_size // 2,
-            num_layers=cfg.encoder_layers,
-            batch_first=True,
+            layers=cfg.encoder_layers,
+            dropout=cfg.dropout,
             bidirectional=True,
-            dropout=cfg.dropout if cfg.encoder_layers > 1 else 0.0,
         )
+        self.rnn_impl = RnnImpl.parse(cfg.rnn_impl, "model.rnn_impl")
 
     def forward(self, src: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Encode a padded batch.
@@ -241,13 +199,7 @@ class Encoder(nn.Module):
             ``[h_fwd_last; h_bwd_first]`` of the top layer, (B, H).
         """
         x = self.dropout(self.embed(src))
-        if x.device.type == "cpu" and isinstance(self.rnn, nn.GRU) and self.rnn.num_layers == 1:
-            return bidirectional_gru(x, lengths, self.rnn)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
-        h_n = final[0] if isinstance(final, tuple) else final  # (2L, B, H/2)
-        return states, torch.cat([h_n[-2], h_n[-1]], dim=-1)
+        return gru.encoder_recurrence(x, lengths, self.rnn, impl=self.rnn_impl)
 
 
 # -------------------------------------------------------------------------- decoder
@@ -267,13 +219,10 @@ class Decoder(nn.Module):
         self.cell = Cell.parse(cfg.cell, "model.cell")
         self.embed = nn.Embedding(vocab_size, emb, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
-        self.rnn = _RNN_CLASSES[self.cell](
-            emb + hidden,
-            hidden,
-            num_layers=self.layers,
-            batch_first=True,
-            dropout=cfg.dropout if self.layers > 1 else 0.0,
+        self.rnn = gru.rnn_module(
+            self.cell, emb + hidden, hidden, layers=self.layers, dropout=cfg.dropout
         )
+        self.rnn_impl = RnnImpl.parse(cfg.rnn_impl, "model.rnn_impl")
         self.init_proj = nn.Linear(hidden, self.layers * hidden)
         self.attention = Attention(
             cfg.attention, hidden_size=hidden, attention_size=cfg.attention_size
@@ -288,13 +237,13 @@ class Decoder(nn.Module):
 
     @property
     def fused_gru(self) -> bool:
-        """Whether the recurrence is ``seq2seq.model.gru``'s, with c's share of the input
-        gates computed once per sentence (a one-layer GRU)."""
-        return self.cell == Cell.gru and self.layers == 1
+        """Whether the recurrence can be ``seq2seq.model.gru``'s, with c's share of the
+        input gates computed once per sentence (a one-layer GRU)."""
+        return gru.fusable(self.rnn)
 
     def layer_weight(self, name: str) -> Tensor:
         """A weight of the RNN's first layer by PyTorch's name (``weight_ih`` ...)."""
-        return self.rnn.get_parameter(f"{name}_l0")
+        return gru.layer_weight(self.rnn, name)
 
     def init_state(self, context: Tensor) -> DecoderState:
         """Every layer starts from ``tanh(W_init c)``; the LSTM cell from zeros."""
@@ -319,14 +268,10 @@ class Decoder(nn.Module):
             after the last step, attention (B, T, S).
         """
         emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
-        if self.fused_gru:
-            outputs = self._gru_steps(emb, state, self.context_gates(enc.context))
-            new_state = DecoderState(outputs[:, -1][None])
-        else:
-            context = enc.context[:, None, :].expand(-1, emb.size(1), -1)
-            rnn_in = torch.cat([emb, context.to(emb.dtype)], dim=-1)
-            outputs, rnn_state = self.rnn(rnn_in, state.as_rnn_state())  # (B, T, H)
-            new_state = DecoderState.from_rnn_state(rnn_state)
+        outputs, rnn_state = gru.decoder_recurrence(
+            self.rnn, emb, enc.context, state.as_rnn_state(), impl=self.rnn_impl
+        )  # (B, T, H)
+        new_state = DecoderState.from_rnn_state(rnn_state)
         readout, weights = self.attention(outputs, enc)
         fused = torch.cat([outputs, readout.to(outputs.dtype), emb], dim=-1)
         hidden = self.dropout(torch.tanh(self.deep_output(fused)))  # (B, T, E)
@@ -367,32 +312,8 @@ class Decoder(nn.Module):
         )
 
     def context_gates(self, context: Tensor) -> Tensor:
-        """(B, 3H) the context vector's share of a one-layer GRU's input gates,
-        ``W_ih[:, E:] c + b_ih``.
-
-        Why: c is the same at every step, so this product (two thirds of the GRU's
-        input projection) is computed once per sentence instead of once per step.
-        """
-        emb_size = self.embed.embedding_dim
-        weight = self.layer_weight("weight_ih")[:, emb_size:]
-        return F.linear(context.to(weight.dtype), weight, self.layer_weight("bias_ih"))
-
-    def _gru_steps(self, emb: Tensor, state: DecoderState, context_gates: Tensor) -> Tensor:
-        """All T steps of the one-layer GRU at once: (B, T, H).
-
-        The input gates of every step come from one matmul over the embeddings
-        plus c's share, computed once per sentence (``seq2seq.model.gru`` says why).
-        Under autocast every tensor goes in the matmul dtype, as ``nn.GRU`` would.
-        """
-        weight = self.layer_weight("weight_ih")[:, : self.embed.embedding_dim]
-        gates_x = F.linear(emb, weight) + context_gates[:, None]  # W_ih[:, :E] emb + c's share
-        dtype = gates_x.dtype
-        return gru_recurrence(
-            gates_x,
-            state.hidden[0].to(dtype),
-            self.layer_weight("weight_hh").to(dtype),
-            self.layer_weight("bias_hh").to(dtype),
-        )
+        """(B, 3H) c's share of a one-layer GRU's input gates (``gru.context_gates``)."""
+        return gru.context_gates(self.rnn, context)
 
 
 # ------------------------------------------------------------------------- seq2seq

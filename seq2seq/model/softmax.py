@@ -19,7 +19,8 @@ deep-output vector and the same rows of the (tied) output embeddings and bias;
 the tail class has its own vector and bias. ``log_probs`` returns the whole
 normalised distribution (validation loss, ensembles); ``TwoLevelScores`` gives
 search the head at once and a row's tail only where asked, and ``FullScores``
-the same interface for a full softmax. Label smoothing applies within each level.
+the same interface for a full softmax (a model's, or any (N, V) table such as an
+ensemble's). Label smoothing applies within each level.
 """
 
 from __future__ import annotations
@@ -180,30 +181,49 @@ class TwoLevelScores:
 
 
 class FullScores:
-    """One search step's distribution under a full softmax: every piece is in the head.
+    """One search step's distribution under a full softmax: every piece is in the head,
+    so there is no tail.
+
+    The one one-level `TokenScores` (``seq2seq.decoding.search``), in two forms: a
+    model's step passes its deep-output vectors and output layer, which are scored
+    class-major (``class_scores`` says why); an ensemble or a test model passes an
+    (N, V) table of logits or log-probs alone, normalised here in one fused pass.
 
     Args:
-        hidden: (N, E) deep-output vectors.
+        hidden: (N, E) deep-output vectors; without ``generator``, (N, V) logits or
+            log-probs.
         generator: the (V, E) output layer, with bias.
     """
 
-    def __init__(self, hidden: Tensor, generator: nn.Linear) -> None:
+    def __init__(self, hidden: Tensor, generator: nn.Linear | None = None) -> None:
         self.hidden = hidden
         self.generator = generator
-        self.head_size = generator.out_features
+        self.head_size = hidden.size(-1) if generator is None else generator.out_features
+
+    @cached_property
+    def _table(self) -> Tensor:
+        """(N, V) every piece's log-prob, float32, row-major."""
+        logits = self.hidden if self.generator is None else self.generator(self.hidden)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @cached_property
     def _scores(self) -> tuple[Tensor, Tensor]:
         """Class-major scores (V, N) and each row's log normaliser (N,), float32."""
+        assert self.generator is not None
         scores = class_scores(self.hidden, self.generator.weight, self.generator.bias).float()
         return scores, scores.logsumexp(0)
 
     def head(self, width: int) -> tuple[Tensor, Tensor]:
         """Each row's ``width`` best pieces: log-probs and ids, (N, width)."""
+        if self.generator is None:
+            best, ids = self._table.topk(min(width, self.head_size), dim=-1)
+            return best, ids
         return _ranked(*self._scores, width)
 
     def log_prob(self, token: int) -> Tensor:
         """(N,) the log-prob of one piece in every row."""
+        if self.generator is None:
+            return self._table[:, token]
         scores, norm = self._scores
         return scores[token] - norm
 
@@ -218,4 +238,4 @@ class FullScores:
 
     def log_probs(self) -> Tensor:
         """(N, V) every piece's log-prob."""
-        return torch.log_softmax(self.generator(self.hidden).float(), dim=-1)
+        return self._table

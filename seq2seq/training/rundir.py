@@ -55,7 +55,7 @@ BUNDLES = ("last", "best", "average")
 # Settings a checkpoint cannot survive: they change the corpus, the pieces or the
 # parameters. Everything else (optimiser, budgets, decoding) may change on resume.
 PROTECTED = ("data", "tokenizer", "model")
-UNPROTECTED_KEYS = ("tokenizer.cache_dir",)
+UNPROTECTED_KEYS = ("tokenizer.cache_dir", "model.rnn_impl")
 FRESH_HINT = (
     "pass train.resume=false to start a fresh run in this directory (best/ is kept "
     "until a better model replaces it), or choose another run_dir"

@@ -17,12 +17,12 @@ from torch import Tensor
 
 from seq2seq.decoding.search import (
     Hypothesis,
-    LogProbs,
     beam_search,
     greedy,
     length_penalty,
     max_lengths,
 )
+from seq2seq.model.softmax import FullScores
 
 # ------------------------------------------------------------------------ scripted decoder
 
@@ -88,7 +88,7 @@ class ScriptedDecoder:
 
     def step(
         self, prev: Tensor, state: ScriptedState, enc: ScriptedEncoderOutput
-    ) -> tuple[LogProbs, ScriptedState, Tensor]:
+    ) -> tuple[FullScores, ScriptedState, Tensor]:
         fed = torch.cat([state.fed, prev[:, None]], dim=1)
         probs = torch.zeros(prev.size(0), self.vocab)
         for row, (table_id, history) in enumerate(
@@ -97,7 +97,7 @@ class ScriptedDecoder:
             for token, p in TABLES[table_id].get(tuple(history[1:]), DEFAULT).items():
                 probs[row, token] = p
         attention = enc.mask.float() / enc.mask.sum(dim=1, keepdim=True)
-        return LogProbs(probs.log()), ScriptedState(fed), attention
+        return FullScores(probs.log()), ScriptedState(fed), attention
 
 
 def scripted_batch(*lengths: int, table_ids: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
@@ -310,9 +310,9 @@ class ToyRNN(torch.nn.Module):
 
     def step(
         self, prev: Tensor, state: ToyState, enc: ToyEncoderOutput
-    ) -> tuple[LogProbs, ToyState, Tensor]:
+    ) -> tuple[FullScores, ToyState, Tensor]:
         log_probs, state, attention = self.decode_step(prev, state, enc)
-        return LogProbs(log_probs), state, attention
+        return FullScores(log_probs), state, attention
 
 
 def random_sentences(count: int, seed: int, max_len: int = 6) -> list[list[int]]:

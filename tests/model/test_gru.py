@@ -8,11 +8,11 @@ from torch import nn
 from seq2seq.model.gru import bidirectional_gru, gru_recurrence
 
 
-def _inputs(steps: int = 5, batch: int = 3, size: int = 4, features: int = 6):
+def _inputs(steps: int = 5, batch: int = 3, size: int = 4, features: int = 6, device="cpu"):
     torch.manual_seed(0)
-    rnn = nn.GRU(features, size).double()
-    x = torch.randn(steps, batch, features, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(batch, size, dtype=torch.float64, requires_grad=True)
+    rnn = nn.GRU(features, size).double().to(device)
+    x = torch.randn(steps, batch, features, dtype=torch.float64, device=device).requires_grad_()
+    h0 = torch.randn(batch, size, dtype=torch.float64, device=device).requires_grad_()
     return rnn, x, h0
 
 
@@ -21,9 +21,11 @@ def _ours(rnn: nn.GRU, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     return gru_recurrence(gates_x, h0, rnn.weight_hh_l0, rnn.bias_hh_l0).transpose(0, 1)
 
 
-def test_states_and_gradients_match_nn_gru():
-    rnn, x, h0 = _inputs()
-    weights = torch.randn(5, 3, 4, dtype=torch.float64)  # a loss that weighs every state
+def test_states_and_gradients_match_nn_gru(device):
+    rnn, x, h0 = _inputs(device=device)
+    weights = torch.randn(
+        5, 3, 4, dtype=torch.float64, device=device
+    )  # a loss that weighs every state
     theirs, _ = rnn(x, h0[None])
     expected = torch.autograd.grad((theirs * weights).sum(), [x, h0, *rnn.parameters()])
     ours = _ours(rnn, x, h0)
@@ -43,14 +45,15 @@ def test_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(gru_recurrence, (gates_x, h0, w_hh, b_hh))
 
 
-def test_bidirectional_gru_matches_nn_gru_on_packed_sequences():
+def test_bidirectional_gru_matches_nn_gru_on_packed_sequences(device):
     """States, final states and every gradient equal ``nn.GRU`` over the packed
     batch; padding positions come out zero whatever the input holds there."""
     torch.manual_seed(0)
-    rnn = nn.GRU(3, 4, batch_first=True, bidirectional=True).double()
+    rnn = nn.GRU(3, 4, batch_first=True, bidirectional=True).double().to(device)
     lengths = torch.tensor([5, 1, 3, 5])
-    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
-    weights = (torch.randn(4, 5, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+    options = {"dtype": torch.float64, "device": device}
+    x = torch.randn(4, 5, 3, **options).requires_grad_()
+    weights = (torch.randn(4, 5, 8, **options), torch.randn(4, 8, **options))
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     out, final = rnn(packed)
     theirs, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=5)
@@ -58,7 +61,7 @@ def test_bidirectional_gru_matches_nn_gru_on_packed_sequences():
     params = [x, *rnn.parameters()]
     loss = (theirs * weights[0]).sum() + (their_final * weights[1]).sum()
     expected = torch.autograd.grad(loss, params)
-    ours, our_final = bidirectional_gru(x, lengths, rnn)
+    ours, our_final = bidirectional_gru(x, lengths.to(device), rnn)
     loss = (ours * weights[0]).sum() + (our_final * weights[1]).sum()
     got = torch.autograd.grad(loss, params)
     torch.testing.assert_close(ours, theirs)

@@ -82,9 +82,12 @@ def test_attention_is_a_distribution_over_real_positions(tokenizer, pairs, atten
 
 @pytest.mark.parametrize("decoder_layers", [1, 2])  # 1-layer GRU: seq2seq.model.gru's recurrence
 @pytest.mark.parametrize(("attention", "cell"), VARIANTS)
-def test_forward_equals_step_by_step_decoding(tokenizer, pairs, attention, cell, decoder_layers):
+def test_forward_equals_step_by_step_decoding(
+    tokenizer, pairs, attention, cell, decoder_layers, device
+):
     model = tiny_model(tokenizer, attention=attention, cell=cell, decoder_layers=decoder_layers)
-    batch = collate(_pairs(tokenizer, pairs))
+    model.to(device)
+    batch = collate(_pairs(tokenizer, pairs)).to(device)
     with torch.no_grad():
         logits, attn = model(batch.src, batch.src_lengths, batch.tgt_in)
         enc = model.encode(batch.src, batch.src_lengths)

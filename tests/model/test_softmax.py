@@ -12,7 +12,7 @@ from torch import nn
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.decoding import inference
-from seq2seq.decoding.search import LogProbs, beam_search, greedy, next_tokens
+from seq2seq.decoding.search import beam_search, greedy, next_tokens
 from seq2seq.model import softmax
 from seq2seq.model.loss import masked_cross_entropy
 from tests.helpers import lively_model, tiny_model
@@ -264,7 +264,7 @@ class _FullScoresOnly:
 
     def step(self, prev, state, enc):
         scores, state, attn = self.searched.step(prev, state, enc)
-        return LogProbs(scores.log_probs()), state, attn
+        return softmax.FullScores(scores.log_probs()), state, attn
 
 
 @pytest.mark.parametrize("beam", [1, 5])

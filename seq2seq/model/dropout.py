@@ -1,0 +1,30 @@
+"""Inverted dropout with a cheaper random mask than ``nn.Dropout``'s."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (``nn.Dropout``'s semantics) with a cheaper random mask.
+
+    Why: on CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, which costs
+    several times a uniform draw compared with ``p``; with three dropouts per
+    training step that made it the largest elementwise cost after the loss.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.dropout={p} must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
