@@ -292,10 +292,14 @@ class Run:
         logger.info("tokenizer from the checkpoint %s", self.checkpoint)
         return bundle_io.load_tokenizer(self.checkpoint)
 
-    def begin(self, *, data_key: str, tokenizer: Tokenizer) -> None:
-        """Check that the data and tokenizer are the run's, then record them."""
+    def begin(self, *, data_key: str, tokenizer: Tokenizer, data_digest: str = "") -> None:
+        """Check that the data and tokenizer are the run's, then record them. Where
+        both runs recorded the content's digest, it decides: files copied or touched
+        are the same data, files edited under their old times are not."""
         old, tok = self.manifest, tokenizer_digest(tokenizer)
-        if self.checkpoint is not None and old.get("data_key", data_key) != data_key:
+        recorded = old.get("data_digest") if data_digest else None
+        changed = recorded != data_digest if recorded else old.get("data_key", data_key) != data_key
+        if self.checkpoint is not None and changed:
             raise RunDirError(
                 f"the training data of {self.run_dir} changed since the run started "
                 f"(same settings, different lines); resuming would train on other data: "
@@ -313,6 +317,7 @@ class Run:
             "settings": fixed,
             "config_hash": digest(fixed),
             "data_key": data_key,
+            "data_digest": data_digest,
             "tokenizer_sha256": tok,
         }
         if self.lock is not None:

@@ -205,7 +205,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         prepared = prepare(config.data, config.tokenizer, tokenizer=run.checkpoint_tokenizer())
         tokenizer, train_data = prepared.tokenizer, prepared.store
-        run.begin(data_key=prepared.data_key, tokenizer=tokenizer)
+        run.begin(data_key=prepared.data_key, data_digest=prepared.data_digest, tokenizer=tokenizer)
         valid = load_split(config.data, "valid")
         if config.model.share_embeddings and not tokenizer.joint:
             raise ValueError(
