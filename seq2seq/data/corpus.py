@@ -25,6 +25,8 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal, TextIO
@@ -33,6 +35,7 @@ import datasets
 
 from seq2seq.config import BuiltinConfig, DataConfig, SplitConfig
 from seq2seq.data import builtin
+from seq2seq.data.digest import file_digest, text_digest
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +332,7 @@ def load_corpus(cfg: DataConfig) -> datasets.DatasetDict:
 
 Line = str | bytes
 SAMPLE_BYTES = 1 << 16  # read from each end of a file for its fingerprint
+SETTLE_NS = 20_000_000  # longer than a kernel clock tick, which file times advance by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,15 +431,33 @@ def clean_chunk(chunk: RawChunk, names: tuple[Path, Path] | None) -> tuple[list[
     return [src[i] for i in kept], [tgt[i] for i in kept]
 
 
+def _settled_stat(path: Path) -> os.stat_result:
+    """``path.stat()`` taken a clock tick after the file's last change.
+
+    Why wait: file times advance in ticks, so a write in the same tick as the
+    change seen here would leave every time unchanged. Only a file changed in
+    the last moment waits, and for at most one tick.
+    """
+    stat = path.stat()
+    wait = stat.st_ctime_ns + SETTLE_NS - time.time_ns()
+    if wait > 0:
+        time.sleep(min(wait, SETTLE_NS) / 1e9)
+        stat = path.stat()
+    return stat
+
+
 def _file_fingerprint(path: Path) -> str:
-    """Path, size, modification time and the first and last bytes of a file.
+    """Path, size, times, inode and the first and last bytes of a file.
 
     Why not a hash of the content: a second run must start without reading a
-    corpus of millions of lines again. Size and mtime catch any ordinary edit;
-    the sampled bytes catch a different file copied in with its old mtime.
+    corpus of millions of lines again. Size and mtime catch an ordinary edit;
+    the change time and inode catch an edit or a replacement that restored the
+    old mtime (``touch -r``, ``cp -p``, ``mv``), which the sampled bytes may miss
+    when the change is in the middle. The content itself is hashed once, when a
+    token store is built from it (``PairSource.content_digest``).
     """
     try:
-        stat = path.stat()
+        stat = _settled_stat(path)
         with path.open("rb") as handle:
             head = handle.read(SAMPLE_BYTES)
             handle.seek(max(0, stat.st_size - SAMPLE_BYTES))
@@ -444,10 +466,21 @@ def _file_fingerprint(path: Path) -> str:
         raise CorpusError(f"corpus file not found: {path}") from e
     except OSError as e:
         raise CorpusError(f"cannot read corpus file {path}: {e}") from e
-    digest = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    identity = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    digest = hashlib.sha256(f"{path.resolve()}\0{identity}\0".encode())
     digest.update(head)
     digest.update(tail)
     return digest.hexdigest()
+
+
+def _files_digest(paths: tuple[Path, Path]) -> str:
+    """Digest of the bytes of both files, as stored (compressed for ``.gz``)."""
+    try:
+        return text_digest("files", *(file_digest(path) for path in paths))
+    except FileNotFoundError as e:
+        raise CorpusError(f"corpus file not found: {e.filename}") from e
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {e.filename}: {e.strerror or e}") from e
 
 
 def _content_fingerprint(src: Sequence[str], tgt: Sequence[str]) -> str:
@@ -496,6 +529,14 @@ class PairSource:
             return hashlib.sha256(f"files\0{src}\0{tgt}".encode()).hexdigest()
         assert self.dataset is not None
         return _content_fingerprint(self.dataset["src"], self.dataset["tgt"])
+
+    @functools.cached_property
+    def content_digest(self) -> str:
+        """Identifies the lines themselves, whatever the files' names and times:
+        reads both files whole (at memory speed), so only a build asks for it."""
+        if self.files is not None:
+            return _files_digest(self.files)
+        return self.fingerprint
 
 
 def train_source(cfg: DataConfig) -> PairSource:

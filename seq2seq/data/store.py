@@ -13,18 +13,20 @@ One store is a directory ``{cache_dir}/{key}/``:
   vocabulary fits, else int32);
 * ``src.off``, ``tgt.off``: int64 start of each sentence, then the end (N + 1);
 * ``src.len``, ``tgt.len``: pieces per sentence (uint16, else int32);
-* ``header.json``: counts and dtypes, written last.
+* ``header.json``: counts, dtypes, each array's digest and the digest of the
+  corpus, written last (see ``integrity``).
 
 The directory is built under a temporary name and renamed into place, so an
-interrupted build never leaves a store that looks complete.
+interrupted build never leaves a store that looks complete; every open checks
+it against its header, and one that fails is built again in its place.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -39,27 +41,48 @@ import numpy as np
 from seq2seq.config import DataConfig, TokenizerConfig
 from seq2seq.data.batching import Batch, FlatIds, collate_flat
 from seq2seq.data.corpus import CorpusError, PairSource, RawChunk, clean_chunk, train_source
+from seq2seq.data.integrity import (
+    FORMAT_VERSION,
+    HEADER,
+    SIDES,
+    TokenStoreError,
+    discard,
+    open_arrays,
+    seal,
+)
 from seq2seq.data.tokenizer import Tokenizer, source_cache_key, train_or_load_pairs
 from seq2seq.runtime import cores
 from seq2seq.runtime.fs import atomic_directory
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-HEADER = "header.json"
-SIDES = ("src", "tgt")
+__all__ = [
+    "HEADER",
+    "Filters",
+    "Prepared",
+    "TokenStore",
+    "TokenStoreError",
+    "cache_dir",
+    "open_or_build",
+    "prepare",
+    "store_key",
+]
+
 CHUNK_LINES = 10_000  # per task sent to a worker: large enough to amortise the pickling
 
 
 class TokenStore:
     """The encoded training pairs: lengths as numpy arrays, batches padded from the ids."""
 
-    def __init__(self, src: FlatIds, tgt: FlatIds, *, path: Path | None = None) -> None:
+    def __init__(
+        self, src: FlatIds, tgt: FlatIds, *, path: Path | None = None, corpus_digest: str = ""
+    ) -> None:
         if len(src.lengths) != len(tgt.lengths):
             raise ValueError(f"sides differ: {len(src.lengths)} and {len(tgt.lengths)} sentences")
         self.src = src
         self.tgt = tgt
         self.path = path
+        self.corpus_digest = corpus_digest  # the content the store was encoded from
 
     def __len__(self) -> int:
         return len(self.src.lengths)
@@ -80,19 +103,20 @@ class TokenStore:
 
     @classmethod
     def open(cls, directory: Path) -> TokenStore:
-        """Map a built store; raises ``OSError``/``ValueError`` when it is unreadable."""
-        header = json.loads((directory / HEADER).read_text())
-        if header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"token store format {header.get('version')}, not {FORMAT_VERSION}")
-        sides = []
-        for side in SIDES:
-            ids = np.memmap(directory / f"{side}.ids", dtype=header[f"{side}_dtype"], mode="r")
-            offsets = np.memmap(directory / f"{side}.off", dtype=np.int64, mode="r")
-            lengths = np.memmap(directory / f"{side}.len", dtype=header["length_dtype"], mode="r")
-            if len(lengths) != header["pairs"] or len(offsets) != len(lengths) + 1:
-                raise ValueError(f"{directory}: {side} arrays do not match the header")
-            sides.append(FlatIds(ids, offsets, lengths))
-        return cls(*sides, path=directory)
+        """Map a built store after checking it against its header.
+
+        Raises:
+            TokenStoreError: the store is incomplete, or changed since it was built.
+        """
+        header, arrays = open_arrays(directory)
+        src, tgt = (
+            FlatIds(arrays[f"{side}.ids"], arrays[f"{side}.off"], arrays[f"{side}.len"])
+            for side in SIDES
+        )
+        try:
+            return cls(src, tgt, path=directory, corpus_digest=str(header["corpus_digest"]))
+        except (KeyError, ValueError) as e:
+            raise TokenStoreError(f"{directory / HEADER} does not describe the store ({e})") from e
 
 
 # --------------------------------------------------------------------- building
@@ -265,8 +289,9 @@ def _build(
             "max_ratio": filters.max_ratio,
             "files": [str(path) for path in source.files] if source.files else None,
             "encode_seconds": round(seconds, 3),
+            "corpus_digest": source.content_digest,
         }
-        (tmp / HEADER).write_text(json.dumps(header, indent=1) + "\n")
+        seal(tmp, header)
         logger.info(
             "encoded %d lines in %.1fs (%.0f pairs/s, %d workers) into %s",
             counts["lines"],
@@ -300,12 +325,15 @@ def _check_counts(counts: dict[str, int], name: str, filters: Filters) -> None:
 
 
 def _open_cached(directory: Path) -> TokenStore | None:
-    if not (directory / HEADER).is_file():
+    """The cached store, or None when there is none or it fails its check (it is
+    then built again and replaces the one found)."""
+    if not os.path.lexists(directory):
         return None
     try:
         return TokenStore.open(directory)
-    except (OSError, ValueError, KeyError) as e:
-        logger.warning("ignoring unreadable token store %s: %s", directory, e)
+    except TokenStoreError as e:
+        logger.warning("rebuilding the token store %s: %s", directory, e)
+        discard(directory)
         return None
 
 
@@ -339,11 +367,16 @@ def open_or_build(
 
 @dataclass(frozen=True)
 class Prepared:
-    """What training reads, and the key that names its data for resume checks."""
+    """What training reads, and what names its data for resume checks: the key (the
+    corpus's identity and the tokenizer settings) and the digest of its content."""
 
     tokenizer: Tokenizer
     store: TokenStore
     data_key: str
+
+    @property
+    def data_digest(self) -> str:
+        return self.store.corpus_digest
 
 
 def prepare(

@@ -159,6 +159,7 @@ class Manifest:
 
     settings: dict[str, Any]
     data_key: str | None = None
+    data_digest: str | None = None
     tokenizer_sha256: str | None = None
     state: Literal["running", "finished"] = "running"
     stop_reason: str = ""
@@ -170,6 +171,7 @@ class Manifest:
             "settings": self.settings,
             "config_hash": digest(self.settings),
             "data_key": self.data_key,
+            "data_digest": self.data_digest,
             "tokenizer_sha256": self.tokenizer_sha256,
         }
 
@@ -179,6 +181,7 @@ class Manifest:
         return cls(
             settings=settings if isinstance(settings, dict) else {},
             data_key=_text(raw.get("data_key")),
+            data_digest=_text(raw.get("data_digest")),
             tokenizer_sha256=_text(raw.get("tokenizer_sha256")),
             state="finished" if raw.get("state") == "finished" else "running",
             stop_reason=_text(raw.get("stop_reason")) or "",
@@ -316,11 +319,18 @@ class Run:
         logger.info("tokenizer from the checkpoint %s", self.checkpoint)
         return bundle_io.load_tokenizer(self.checkpoint)
 
-    def begin(self, *, data_key: str, tokenizer: Tokenizer) -> None:
-        """Check that the data and tokenizer are the run's, then record them."""
+    def begin(self, *, data_key: str, tokenizer: Tokenizer, data_digest: str = "") -> None:
+        """Check that the data and tokenizer are the run's, then record them. Where
+        both runs recorded the content's digest, it decides: files copied or touched
+        are the same data, files edited under their old times are not."""
         old, tok = self.manifest, tokenizer_digest(tokenizer)
         if self.checkpoint is not None and old is not None:
-            if old.data_key not in (None, data_key):
+            # Where both runs recorded the content's digest it decides; otherwise the key.
+            if old.data_digest and data_digest:
+                changed = old.data_digest != data_digest
+            else:
+                changed = old.data_key not in (None, data_key)
+            if changed:
                 raise RunDirError(
                     f"the training data of {self.run_dir} changed since the run started "
                     f"(same settings, different lines); resuming would train on other data: "
@@ -336,6 +346,7 @@ class Run:
             Manifest(
                 settings=protected(settings(self.config)),
                 data_key=data_key,
+                data_digest=data_digest or None,
                 tokenizer_sha256=tok,
                 state=kept.state if kept else "running",
                 stop_reason=kept.stop_reason if kept else "",

@@ -46,7 +46,7 @@ def build(config: TrainApp, run: Run) -> Parts:
         torch.set_num_threads(t.threads)
     prepared = prepare(config.data, config.tokenizer, tokenizer=run.checkpoint_tokenizer())
     tokenizer = prepared.tokenizer
-    run.begin(data_key=prepared.data_key, tokenizer=tokenizer)
+    run.begin(data_key=prepared.data_key, data_digest=prepared.data_digest, tokenizer=tokenizer)
     valid = load_split(config.data, "valid")
     if config.model.share_embeddings and not tokenizer.joint:
         raise ValueError(

@@ -12,6 +12,7 @@ import datasets
 import pytest
 
 from seq2seq.config import BuiltinConfig, DataConfig, DataFormat, SplitConfig
+from seq2seq.data import corpus
 from seq2seq.data.corpus import (
     CorpusError,
     clean_chunk,
@@ -302,3 +303,57 @@ def test_fingerprint_follows_the_files(tmp_path: Path) -> None:
     other = DataConfig(builtin=BuiltinConfig(train_size=30, seed=3))
     assert train_source(loaded).fingerprint == train_source(loaded).fingerprint
     assert train_source(loaded).fingerprint != train_source(other).fingerprint
+
+
+def _middle_edited(path: Path, *, replace: bool) -> None:
+    """Two lines in the middle swapped at the same size, old times put back: in
+    place like an editor, or as a new file renamed over it like ``cp -p`` + ``mv``."""
+    before = path.stat()
+    lines = path.read_bytes().splitlines(keepends=True)
+    middle = len(lines) // 2
+    lines[middle], lines[middle + 1] = lines[middle + 1], lines[middle]
+    target = path.with_name(path.name + ".new") if replace else path
+    with target.open("r+b" if not replace else "wb") as handle:
+        handle.write(b"".join(lines))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    if replace:
+        target.replace(path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["in place", "replaced"])
+def test_fingerprint_sees_an_edit_under_the_old_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: bool
+) -> None:
+    monkeypatch.setattr(corpus, "SAMPLE_BYTES", 64)  # the edit is far from both samples
+    src = write(tmp_path / "train.en", [f"sentence number {i}" for i in range(100)])
+    tgt = write(tmp_path / "train.de", [f"Satz Nummer {i}" for i in range(100)])
+    first = train_source(_text_config(src, tgt))
+    fingerprint, digest = first.fingerprint, first.content_digest
+    _middle_edited(src, replace=replace)
+    edited = train_source(_text_config(src, tgt))
+    assert edited.fingerprint != fingerprint
+    assert edited.content_digest != digest
+
+
+def test_content_digest_follows_the_bytes_not_the_names_or_times(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    src = write(tmp_path / "a" / "train.en", ["one", "two"])
+    tgt = write(tmp_path / "a" / "train.de", ["eins", "zwei"])
+    original = train_source(_text_config(src, tgt))
+    copy = tmp_path / "b"
+    copy.mkdir()
+    copies = [copy / "train.en", copy / "train.de"]
+    for old, new in zip((src, tgt), copies, strict=True):
+        new.write_bytes(old.read_bytes())
+    copied = train_source(_text_config(*copies))
+    assert copied.fingerprint != original.fingerprint
+    assert copied.content_digest == original.content_digest
+    swapped = train_source(_text_config(tgt, src))
+    assert swapped.content_digest != original.content_digest
+    loaded = train_source(DataConfig(builtin=BuiltinConfig(train_size=30, seed=2)))
+    assert loaded.content_digest == loaded.fingerprint
+    (copy / "train.de").unlink()
+    with pytest.raises(CorpusError, match=r"not found: .*b/train\.de"):
+        train_source(_text_config(*copies)).content_digest  # noqa: B018

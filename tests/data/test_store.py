@@ -1,9 +1,14 @@
-"""The on-disk token store: same pairs as encoding in memory, built once, rebuilt on change."""
+"""The on-disk token store: same pairs as encoding in memory, built once, rebuilt on change
+or damage."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +16,12 @@ import pytest
 import torch
 
 from seq2seq.config import DataConfig, DataFormat, SplitConfig, TokenizerConfig
+from seq2seq.data import corpus, integrity
 from seq2seq.data import store as tokdata
 from seq2seq.data.batching import collate, encode_pairs
 from seq2seq.data.builtin import generate_pairs
 from seq2seq.data.corpus import CorpusError, PairSource, load_split
-from seq2seq.data.store import Filters, TokenStore, open_or_build, prepare
+from seq2seq.data.store import Filters, TokenStore, TokenStoreError, open_or_build, prepare
 from seq2seq.data.tokenizer import Tokenizer, train_or_load
 
 FILTERS = Filters(max_length=12, max_ratio=2.0)
@@ -205,3 +211,110 @@ def test_a_worker_error_names_file_and_line(tmp_path: Path, tokenizer: Tokenizer
     with pytest.raises(CorpusError, match=r"train\.en:31: not valid UTF-8"):
         open_or_build(source, tokenizer, directory=tmp_path / "cache", filters=FILTERS, workers=2)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ------------------------------------------------------------- damaged stores
+
+
+def _truncate(path: Path, by: int) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size - by)
+
+
+def _overwrite(path: Path, dtype: type, at: int, value: int) -> None:
+    """One element of an array file changed in place: the size stays the same."""
+    array = np.fromfile(path, dtype=dtype)
+    array[at] = value
+    array.tofile(path)
+
+
+def _edit_header(directory: Path) -> None:
+    header = json.loads((directory / tokdata.HEADER).read_text())
+    header["src_tokens"] //= 2
+    header["src_dtype"] = "int32"  # the same bytes read as half as many ids
+    (directory / tokdata.HEADER).write_text(json.dumps(header))
+
+
+def _shuffle_ids(directory: Path) -> None:
+    """Garbage of the same size and every id within the vocabulary."""
+    ids = np.fromfile(directory / "tgt.ids", dtype=np.uint16)
+    np.random.default_rng(0).permutation(ids).tofile(directory / "tgt.ids")
+
+
+def _replace_by_file(directory: Path) -> None:
+    shutil.rmtree(directory)
+    directory.write_text("not a store\n")
+
+
+DAMAGES = {
+    "src.ids cut to an odd size": lambda d: _truncate(d / "src.ids", 1),
+    "src.ids cut to an even size": lambda d: _truncate(d / "src.ids", 4),
+    "header.json not JSON": lambda d: (d / tokdata.HEADER).write_text('{"version": 2, "pa'),
+    "header.json edited": _edit_header,
+    "header.json missing": lambda d: (d / tokdata.HEADER).unlink(),
+    "empty array file": lambda d: (d / "tgt.len").write_bytes(b""),
+    "missing array file": lambda d: (d / "src.off").unlink(),
+    "bad offsets": lambda d: _overwrite(d / "src.off", np.int64, 3, 10**9),
+    "ids beyond the vocabulary": lambda d: _overwrite(d / "src.ids", np.uint16, 5, 65535),
+    "in-vocabulary garbage": _shuffle_ids,
+    "a file in its place": _replace_by_file,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_store_is_named_and_rebuilt_in_its_place(
+    tmp_path: Path, tokenizer: Tokenizer, damage: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = write_corpus(tmp_path / "corpus", generate_pairs(150, seed=10))
+    cache = tmp_path / "cache"
+    built = open_or_build(source, tokenizer, directory=cache, filters=FILTERS, workers=1)
+    expected, path = stored_pairs(built), built.path
+    assert path is not None
+    del built
+    damage(path)  # type: ignore[operator]
+    with pytest.raises(TokenStoreError, match=re.escape(str(path))):
+        TokenStore.open(path)
+    with caplog.at_level(logging.WARNING, logger="seq2seq.data"):
+        again = open_or_build(source, tokenizer, directory=cache, filters=FILTERS, workers=1)
+    assert again.path == path and stored_pairs(again) == expected
+    assert f"rebuilding the token store {path}" in caplog.text
+    assert [p.name for p in cache.iterdir()] == [path.name]  # nothing left beside it
+    assert stored_pairs(TokenStore.open(path)) == expected
+
+
+def test_a_store_that_fails_its_check_when_built_is_an_error_naming_it(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that does not return what was written: one error, not a loop of rebuilds."""
+    source = write_corpus(tmp_path / "corpus", generate_pairs(60, seed=11))
+    cache = tmp_path / "cache"
+    calls = iter(range(10**6))
+    monkeypatch.setattr(integrity, "file_digest", lambda path: f"{next(calls):032x}")
+    with pytest.raises(TokenStoreError, match=re.escape(str(cache)) + ".*digest differs"):
+        open_or_build(source, tokenizer, directory=cache, filters=FILTERS, workers=1)
+
+
+def test_an_edit_in_the_middle_under_the_old_times_is_not_served_from_the_cache(
+    tmp_path: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, mtime restored (``touch -r``), change far from both sampled ends."""
+    monkeypatch.setattr(corpus, "SAMPLE_BYTES", 1 << 10)
+    source = write_corpus(tmp_path / "corpus", generate_pairs(400, seed=12))
+    assert source.files is not None
+    src = source.files[0]
+    assert src.stat().st_size > 4 * corpus.SAMPLE_BYTES
+    cache = tmp_path / "cache"
+    first = open_or_build(source, tokenizer, directory=cache, filters=FILTERS, workers=1)
+    before = src.stat()
+    lines = src.read_bytes().splitlines(keepends=True)
+    middle = len(lines) // 2
+    lines[middle], lines[middle + 1] = lines[middle + 1], lines[middle]
+    with src.open("r+b") as handle:  # in place: the same inode
+        handle.write(b"".join(lines))
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited = PairSource("test", files=source.files)
+    again = open_or_build(edited, tokenizer, directory=cache, filters=FILTERS, workers=1)
+    assert again.path != first.path
+    assert again.corpus_digest != first.corpus_digest
+    assert stored_pairs(again) == expected_pairs(edited, tokenizer) != stored_pairs(first)

@@ -85,6 +85,7 @@ def test_resume_refuses_changed_data_files(tmp_path):
     manifest = rundir.read_manifest(Path(config.run_dir))
     assert manifest is not None
     manifest["data_key"] = cache_key(["other"], ["lines"], config.tokenizer)
+    manifest["data_digest"] = "0" * 32
     rundir.write_manifest(Path(config.run_dir), manifest)
     with pytest.raises(rundir.RunDirError, match=r"training data .* changed"):
         train_run(train_config(tmp_path, max_steps=14))
