@@ -11,18 +11,20 @@ library below them never loads Hydra.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from seq2seq.config import EvaluateApp, ServeApp, TrainApp, TranslateApp
+from seq2seq.config import EvaluateApp, ServeApp, TrainApp, TranslateApp, validate
 
 T = TypeVar("T")
 
@@ -47,8 +49,21 @@ def register_configs() -> None:
 
 
 def fail(message: str) -> NoReturn:
-    """End the app with one ``error:`` line and the usage exit code."""
-    print(f"error: {message}", file=sys.stderr)
+    """End the app with one ``error:`` line and the usage exit code.
+
+    Why one ``os.write`` of the whole line: processes under torchrun share stderr,
+    and a line written in pieces (or after another process's unfinished progress
+    bar) would run into theirs; a single short write to a pipe is never split.
+    """
+    line = " ".join(f"error: {message}".split("\n")) + "\n"
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError):  # a stream without a descriptor (captured, redirected)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    else:
+        os.write(fd, line.encode("utf-8", "backslashreplace"))
     sys.exit(USAGE_ERROR)
 
 
@@ -67,7 +82,7 @@ def expected_errors() -> Iterator[None]:
     except EXPECTED as e:
         if _tracebacks_wanted():
             raise
-        fail(str(e) or type(e).__name__)
+        fail(one_line(e) if isinstance(e, OmegaConfBaseException) else str(e) or type(e).__name__)
 
 
 def _tracebacks_wanted() -> bool:
@@ -91,7 +106,7 @@ def run_hydra(app: Callable[[], None]) -> None:
         # that is a file; the app's errors were already handled inside.
         if _tracebacks[-1]:
             raise
-        fail(one_line(e))
+        fail(_unknown_key_message(e) or one_line(e))
     finally:
         _tracebacks.pop()
         if previous is None:
@@ -115,18 +130,67 @@ def one_line(error: BaseException) -> str:
     return " ".join(parts) or type(error).__name__
 
 
+def unknown_key(key: str, schema: Any) -> str:
+    """The message for ``key`` (dotted), which ``schema``'s dataclass lacks, naming
+    the nearest valid key."""
+    prefix, _, name = key.rpartition(".")
+    valid = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    within = f"{prefix}." if prefix else ""
+    scored = [(_likeness(name, v), v) for v in valid]
+    best = max(scored, default=(0.0, ""))
+    if best[0] >= 0.6:
+        return f"unknown key {key}; did you mean {within}{best[1]}?"
+    where = f"{prefix} has" if prefix else "the keys are"
+    return f"unknown key {key}; {where} {', '.join(valid)}"
+
+
+def _likeness(typed: str, valid: str) -> float:
+    """How alike two key names are, also word by word (``beem`` is near ``beam_size``)."""
+    return max(
+        difflib.SequenceMatcher(None, typed, candidate).ratio()
+        for candidate in (valid, *valid.split("_"))
+    )
+
+
+def _unknown_key_message(error: BaseException) -> str | None:
+    """Hydra's refusal of an unknown key (which suggests ``+key=`` and so would add
+    the misspelled key) as `unknown_key`'s message; None for other errors."""
+    cause = error.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        schema = getattr(cause, "object_type", None)
+        if dataclasses.is_dataclass(schema):
+            return unknown_key(str(cause.full_key), schema)
+    return None
+
+
+def check_keys(cfg: DictConfig, schema: Any, prefix: str = "") -> None:
+    """Refuse keys the schema does not have, e.g. added with ``+key=value`` (Hydra
+    accepts those into a structured config, and they would be ignored silently)."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key in map(str, cfg):
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ValueError(unknown_key(full, schema))
+        child = OmegaConf.get_type(cfg, key)
+        if child is not None and dataclasses.is_dataclass(child):
+            check_keys(cfg[key], child, full)
+
+
 def to_app(
     cfg: DictConfig, schema: Callable[..., T], *, required: dict[str, str] | None = None
 ) -> T:
-    """The typed app config, after naming any required key the user left out.
+    """The typed app config, after naming any required key the user left out, any
+    key the schema lacks and any value out of its range.
 
     Args:
         required: key -> what to pass, e.g. ``{"model": "BUNDLE"}``.
     """
+    check_keys(cfg, schema)
     for key, what in (required or {}).items():
         if OmegaConf.is_missing(cfg, key):
             raise ValueError(f"no {key} given; pass {key}={what}")
     config = OmegaConf.to_object(cfg)
     if not isinstance(config, schema):  # type: ignore[arg-type]
         raise TypeError(f"expected {schema}, got {type(config)}")
+    validate(config)
     return cast(T, config)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from seq2seq._hydra import register_configs
-from seq2seq.config import EvaluateApp, TrainApp, TranslateApp, conf_dir
+from seq2seq.config import (
+    RANGES,
+    DecodeConfig,
+    EvaluateApp,
+    ServeApp,
+    TrainApp,
+    TranslateApp,
+    conf_dir,
+    validate,
+)
 from seq2seq.model.model import Seq2Seq
 
 register_configs()
@@ -90,3 +102,113 @@ def test_the_25_minute_experiment_trains_one_model_in_its_budget():
     overrides = ["run_dir=x", "experiment=multi30k_en_de_25min"]
     config = OmegaConf.to_object(_compose("train", overrides))
     assert config.train.ensemble == 1 and config.train.max_time == 1440
+
+
+# ------------------------------------------------------------------ keys and ranges
+
+
+def _one_error_line(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("app", "args", "message"),
+    [
+        (
+            "train",
+            ["+train.max_step=20"],
+            "unknown key train.max_step; did you mean train.max_steps?",
+        ),
+        (
+            "train",
+            ["train.max_step=20"],
+            "unknown key train.max_step; did you mean train.max_steps?",
+        ),
+        ("train", ["+trian.seed=1"], "unknown key trian; did you mean train?"),
+        ("translate", ["model=m", "+outptu=x.txt"], "unknown key outptu; did you mean output?"),
+        ("translate", ["model=m", "+decode.beem=3"], "did you mean decode.beam_size?"),
+        ("evaluate", ["ref=r", "+hpy=h"], "unknown key hpy; did you mean hyp?"),
+        ("serve", ["model=m", "+prot=1"], "unknown key prot; did you mean port?"),
+    ],
+)
+def test_unknown_keys_are_refused_naming_the_nearest(run_app, tmp_path, app, args, message):
+    """With or without ``+``: Hydra accepts ``+key=`` into the schema, and the key
+    was then ignored (a training ran to its other budget, an output went to stdout)."""
+    if app == "train":
+        args = [f"run_dir={tmp_path / 'run'}", *args]
+    code, stdout, stderr = run_app(importlib.import_module(f"seq2seq.{app}").main, *args)
+    assert message in _one_error_line(code, stderr)
+    assert stdout == "" and not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("app", "arg", "message"),
+    [
+        ("train", "train.accumulate=0", "train.accumulate=0; it must be"),
+        ("train", "train.accumulate=-2", "train.accumulate=-2"),
+        ("train", "train.valid_every=0", "train.valid_every=0"),
+        ("train", "train.log_every=0", "train.log_every=0"),
+        ("train", "train.max_steps=-5", "train.max_steps=-5"),
+        ("train", "optim.lr=nan", "optim.lr=nan; it must be a finite number"),
+        ("train", "train.max_time=inf", "train.max_time=inf"),
+        ("train", "model.dropout=1.0", "model.dropout=1.0"),
+        ("train", "data.max_ratio=0.5", "data.max_ratio=0.5"),
+        ("train", "train.seed=99999999999999999999999", "train.seed="),
+        ("translate", "decode.max_len_a=1e9", "decode.max_len_a=1000000000.0; it must be"),
+        ("translate", "decode.max_len_a=1e19", "decode.max_len_a="),
+        ("translate", "decode.max_len_b=-1", "decode.max_len_b=-1"),
+        ("translate", "chunk_size=0", "chunk_size=0"),
+        ("evaluate", "decode.alpha=-inf", "decode.alpha=-inf"),
+        ("serve", "port=70000", "port=70000"),
+        ("serve", "max_wait_ms=nan", "max_wait_ms=nan"),
+    ],
+)
+def test_numbers_out_of_range_are_refused(run_app, tmp_path, app, arg, message):
+    args = {
+        "train": [f"run_dir={tmp_path / 'run'}"],
+        "translate": ["model=m"],
+        "evaluate": ["hyp=h", "ref=r"],
+        "serve": ["model=m"],
+    }[app]
+    code, _, stderr = run_app(importlib.import_module(f"seq2seq.{app}").main, *args, arg)
+    assert message in _one_error_line(code, stderr)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _schemas(root: type) -> set[type]:
+    found = {root}
+    for kind in typing.get_type_hints(root).values():
+        if dataclasses.is_dataclass(kind):
+            found |= _schemas(kind)  # type: ignore[arg-type]
+    return found
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric setting must say which values it takes."""
+    missing = []
+    for app in (TrainApp, TranslateApp, EvaluateApp, ServeApp):
+        for schema in _schemas(app):
+            for name, kind in typing.get_type_hints(schema).items():
+                if kind in (int, float) and name not in RANGES.get(schema, {}):
+                    missing.append(f"{schema.__name__}.{name}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("group", ["data", "tokenizer", "arch", "optim", "decode", "debug"])
+def test_every_group_option_is_in_range(group):
+    for option in _options(group):
+        overrides = [f"{group}={option}", "run_dir=x"]
+        if option == "files":
+            overrides += [
+                f"data.{s}.{side}=f" for s in ("train", "valid") for side in ("src", "tgt")
+            ]
+        validate(OmegaConf.to_object(_compose("train", overrides)))
+
+
+def test_ranges_name_the_nested_key():
+    bad = TrainApp(run_dir="x", decode=DecodeConfig(beam_size=2, nbest=3))
+    with pytest.raises(ValueError, match=r"^decode.nbest=3 must be between 1 and decode.beam"):
+        validate(bad)

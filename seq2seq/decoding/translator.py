@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from seq2seq.config import DecodeConfig
+from seq2seq.config import DecodeConfig, validate
 from seq2seq.data.batching import pad
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from seq2seq.decoding import inference
@@ -70,30 +69,9 @@ def _batch_workers(count: int) -> Iterator[Callable[..., Iterator[Any]]]:
 
 
 def check_decode(decode: DecodeConfig) -> None:
-    """Fail before any input is read when decoding settings cannot work together."""
-    max_beam = 1024  # wider beams only allocate (beam x vocabulary scores per sentence)
-    if not 1 <= decode.beam_size <= max_beam:
-        raise ValueError(f"decode.beam_size={decode.beam_size}; it must be from 1 to {max_beam}")
-    if not math.isfinite(decode.alpha) or decode.alpha < 0:
-        raise ValueError(f"decode.alpha={decode.alpha}; it must be a finite number >= 0")
-    if not math.isfinite(decode.max_len_a) or decode.max_len_a < 0 or decode.max_len_b < 0:
-        raise ValueError(
-            f"decode.max_len_a={decode.max_len_a}, decode.max_len_b={decode.max_len_b}; "
-            "the length limit a * source length + b needs finite a >= 0 and b >= 0"
-        )
-    if decode.max_len_a == 0 and decode.max_len_b == 0:
-        raise ValueError("decode.max_len_a=0 and decode.max_len_b=0 leave no room for output")
-    if not 1 <= decode.nbest <= decode.beam_size:
-        raise ValueError(
-            f"decode.nbest={decode.nbest} must be between 1 and "
-            f"decode.beam_size={decode.beam_size}; raise decode.beam_size"
-        )
-    if decode.batch_size < 1:
-        raise ValueError(f"decode.batch_size={decode.batch_size}; it must be at least 1")
-    if decode.max_input_tokens < 0:
-        raise ValueError(f"decode.max_input_tokens={decode.max_input_tokens}; use 0 for no limit")
-    if decode.workers < 0:
-        raise ValueError(f"decode.workers={decode.workers}; use 0 for one per CPU thread")
+    """Fail before any input is read when decoding settings cannot work together
+    (the ranges and rules live with the schema, in `seq2seq.config`)."""
+    validate(decode, "decode")
 
 
 @dataclass(frozen=True)
