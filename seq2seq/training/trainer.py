@@ -123,6 +123,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Sched
 class Trainer:
     """Trains a Seq2Seq model and writes ``best`` and ``last`` bundles to a run dir."""
 
+    data_counts: dict[str, Any] | None = None  # the training split's rows, for metrics.jsonl
+
     def __init__(
         self,
         model: Seq2Seq,
@@ -221,7 +223,7 @@ class Trainer:
             pad_id=PAD_ID,
         )
         logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-        return cls(
+        trainer = cls(
             model,
             tokenizer,
             config,
@@ -233,6 +235,8 @@ class Trainer:
             device=pick_device(t.device, local_rank=distributed.current().local_rank),
             reporter=reporter,
         )
+        trainer.data_counts = prepared.counts
+        return trainer
 
     # ----------------------------------------------------------------- public
 
@@ -257,6 +261,8 @@ class Trainer:
             logger.info("the run already finished at step %d: %s", self.step, reason)
             return self._result(f"already finished: {reason}")
         run.mark("running")
+        if self.data_counts is not None:
+            self._record({"kind": "data", "split": "train", **self.data_counts})
         start = time.monotonic() - self.elapsed
         window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
         per_step = self.world.size * t.accumulate  # batches per optimiser step, all processes
