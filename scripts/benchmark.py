@@ -164,7 +164,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
-    from seq2seq.data.corpus import read_lines
+    from seq2seq.data.text import read_lines
     from seq2seq.decoding.translator import Translator
 
     src = Path(args.data_dir) / f"{args.test_stem}.{args.src_lang}.gz"

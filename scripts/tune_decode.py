@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from seq2seq.data.corpus import read_lines
+from seq2seq.data.text import read_lines
 from seq2seq.decoding.translator import Translator
 from seq2seq.metrics import corpus_scores
 

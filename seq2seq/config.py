@@ -40,10 +40,16 @@ class Choice(str, Enum):
 
 
 class DataFormat(Choice):
+    """Where pairs come from: ``builtin`` (generated), ``text`` (two aligned files),
+    one file per split (``tsv``, ``jsonl``, ``parquet``, ``arrow``: an Arrow file or a
+    ``datasets`` ``save_to_disk`` directory), or ``hub`` (``datasets.load_dataset``)."""
+
     builtin = "builtin"
     text = "text"
     tsv = "tsv"
     jsonl = "jsonl"
+    parquet = "parquet"
+    arrow = "arrow"
     hub = "hub"
 
 
@@ -123,8 +129,10 @@ class SplitConfig:
     """Where one split (train / valid / test) comes from.
 
     ``src``/``tgt`` name two aligned plain-text files (``format=text``);
-    ``path`` names one TSV or JSONL file; ``split`` is the split name on the
-    hub, ``stem`` the file stem inside ``DataConfig.dir`` (``{dir}/{stem}.{lang}[.gz]``).
+    ``path`` names one TSV, JSONL, Parquet or Arrow file, a directory of Parquet
+    files, or a ``save_to_disk`` directory; ``split`` is the split name on the hub
+    (and in a ``save_to_disk`` directory of several splits), ``stem`` the file stem
+    inside ``DataConfig.dir`` (``{dir}/{stem}.{lang}[.gz]``).
     """
 
     src: str | None = None
@@ -154,6 +162,8 @@ class DataConfig:
     tgt_lang: str = "de"
     hub_name: str | None = None
     hub_config: str | None = None
+    # Read the hub dataset as a stream (no local Arrow copy), for the largest corpora.
+    hub_streaming: bool = False
     dir: str | None = None
     train: SplitConfig = field(default_factory=lambda: SplitConfig(split="train", stem="train"))
     valid: SplitConfig = field(
@@ -163,9 +173,12 @@ class DataConfig:
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
     max_length: int = 100
     max_ratio: float = 3.0
+    # Drop malformed rows (wrong field count, bad JSON or UTF-8, missing side), counted
+    # and named in the log and metrics.jsonl; by default the first one stops the run.
+    skip_bad_rows: bool = False
     # Token store of the encoded training split; None: "tokens" beside tokenizer.cache_dir.
     cache_dir: str | None = None
-    num_workers: int = 0  # processes encoding the training split; 0 = one per core
+    num_workers: int = 0  # threads encoding the training split; 0 = one per core
 
 
 # ------------------------------------------------------------------------ tokenizer

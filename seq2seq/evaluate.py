@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import EvaluateApp, conf_dir
-from seq2seq.data.corpus import read_lines
+from seq2seq.data.text import read_lines
 from seq2seq.decoding.translator import Translator
 from seq2seq.metrics import Score, corpus_scores, format_table, to_json
 from seq2seq.runtime.fs import check_outputs, files_under, write_text

@@ -19,7 +19,7 @@ from seq2seq.runtime import distributed
 from seq2seq.runtime.allocator import retain_freed_memory
 from seq2seq.runtime.fs import write_text
 from seq2seq.training.fit import fit
-from seq2seq.training.records import EnsembleRecord, Record, TrainRecord
+from seq2seq.training.records import DataRecord, EnsembleRecord, Record, TrainRecord
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
@@ -58,6 +58,9 @@ class ProgressBar:
             self.lr = f"{record.lr:.2e}"
         elif isinstance(record, EnsembleRecord):
             self.bar.write(f"ensemble of {record.members}: BLEU {record.bleu:.2f}")
+        elif isinstance(record, DataRecord):
+            if record.bad_rows:
+                self.bar.write(f"skipped {record.bad_rows} bad rows of {record.lines}")
         else:
             self.bar.write(
                 f"step {record.step}: {record.kind} loss {record.loss:.3f} "

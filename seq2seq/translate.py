@@ -30,13 +30,10 @@ one (`seq2seq.decoding.sharding`).
 
 from __future__ import annotations
 
-import gzip
 import logging
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import BinaryIO
 
 import hydra
 import torch
@@ -45,6 +42,7 @@ from tqdm import tqdm
 
 from seq2seq._hydra import expected_errors, register_configs, run_hydra, to_app
 from seq2seq.config import TranslateApp, conf_dir
+from seq2seq.data.text import TextError, iter_lines
 from seq2seq.decoding import output, plotting, sharding
 from seq2seq.decoding.translator import Translator
 from seq2seq.runtime import distributed
@@ -59,60 +57,18 @@ logger = logging.getLogger("seq2seq.translate")
 SHARD_WAIT = 7 * 24 * 3600.0
 
 
-class InputError(ValueError):
+class InputError(TextError):
     """The input cannot be read: missing file, invalid UTF-8, corrupt gzip."""
+
+    utf8_hint = "fix the input or pass errors=replace"
 
 
 # ------------------------------------------------------------------------------- input
 
 
 def read_input(path: str | None, *, errors: str = "strict") -> Iterator[str]:
-    """Lines of ``path`` (stdin when None; ``*.gz`` decompressed), without "\\n".
-
-    The file is opened at once (a missing file fails here), then read lazily. Why
-    bytes: decoding each line ourselves lets an invalid byte sequence name its line
-    number (a text-mode reader decodes 8 KB blocks and cannot). Lines end at "\\n"
-    only, so a stray "\\r" or U+2028 cannot split a sentence; a leading BOM is dropped.
-
-    Raises:
-        InputError: the file is missing or corrupt, or a line is not UTF-8 with
-            ``errors="strict"``.
-    """
-    if path is None:
-        return _decode_lines(sys.stdin.buffer, "<stdin>", errors=errors, close=False)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"input file not found: {file}")
-    # closed by _decode_lines when exhausted or on error
-    handle = gzip.open(file, "rb") if file.suffix == ".gz" else file.open("rb")  # noqa: SIM115
-    return _decode_lines(handle, path, errors=errors, close=True)  # type: ignore[arg-type]
-
-
-def _decode_lines(handle: BinaryIO, name: str, *, errors: str, close: bool) -> Iterator[str]:
-    number = 0
-    try:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise InputError(
-                    f"{name}:{number}: not valid UTF-8 (byte {e.start + 1} of the line: "
-                    f"{e.reason}); fix the input or pass errors=replace"
-                ) from e
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            line = line.removesuffix("\n")
-            yield "" if _blank(line) else line
-    except (EOFError, gzip.BadGzipFile) as e:
-        raise InputError(f"{name}: corrupt or truncated gzip after line {number}: {e}") from e
-    finally:
-        if close:
-            handle.close()
-
-
-def _blank(line: str) -> bool:
-    """A line of only whitespace and NUL characters carries no text to translate."""
-    return not line.replace("\0", "").strip()
+    """Lines of ``path`` (stdin when None), read lazily by ``seq2seq.data.text``."""
+    return iter_lines(path, errors=errors, what="input file", error=InputError)
 
 
 # --------------------------------------------------------------------------------- app

@@ -136,11 +136,10 @@ def encode_pairs(
     """
     src_ids = tokenizer.encode_src(src_lines)
     tgt_ids = tokenizer.encode_tgt(tgt_lines)
-    kept = [
-        (s, t)
-        for s, t in zip(src_ids, tgt_ids, strict=True)
-        if _within_limits(len(s), len(t), max_length, max_ratio)
-    ]
+    n_src = np.fromiter(map(len, src_ids), np.int64, count=len(src_ids))
+    n_tgt = np.fromiter(map(len, tgt_ids), np.int64, count=len(tgt_ids))
+    keep = within_limits(n_src, n_tgt, max_length, max_ratio)
+    kept = [(src_ids[i], tgt_ids[i]) for i in np.flatnonzero(keep)]
     if len(kept) < len(src_ids):
         logger.info(
             "length filters (max_length=%d, max_ratio=%g) dropped %d of %d pairs",
@@ -152,12 +151,18 @@ def encode_pairs(
     return kept
 
 
-def _within_limits(n_src: int, n_tgt: int, max_length: int, max_ratio: float) -> bool:
-    if n_src == 0 or n_tgt == 0:
-        return False
-    if max_length and max(n_src, n_tgt) > max_length:
-        return False
-    return not (max_ratio and max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio)
+def within_limits(
+    n_src: np.ndarray, n_tgt: np.ndarray, max_length: int, max_ratio: float
+) -> np.ndarray:
+    """(N,) bool: the pairs with no empty side, no side over ``max_length`` pieces and
+    a longer-to-shorter ratio of at most ``max_ratio`` (0 disables a limit)."""
+    longer, shorter = np.maximum(n_src, n_tgt), np.minimum(n_src, n_tgt)
+    keep = shorter > 0
+    if max_length:
+        keep &= longer <= max_length
+    if max_ratio:
+        keep &= longer / np.maximum(shorter, 1) <= max_ratio
+    return keep
 
 
 def token_batches(

@@ -2,10 +2,10 @@
 
 Why: a corpus of millions of pairs held as Python lists of ints costs about a
 gigabyte per million pairs and is read and encoded again on every run. Here
-the ids are encoded once, in parallel worker processes, into flat arrays on
-disk (fairseq's binarized ``.bin``/``.idx`` idea); every later run on the same
-corpus, tokenizer and length filters maps them in, and memory holds only the
-pages a batch touches.
+the ids are encoded once, chunk by chunk in threads (SentencePiece releases the
+interpreter lock while it encodes), into flat arrays on disk (fairseq's
+binarized ``.bin``/``.idx`` idea); every later run on the same corpus, tokenizer
+and length filters maps them in, and memory holds only the pages a batch touches.
 
 One store is a directory ``{cache_dir}/{key}/``:
 
@@ -25,22 +25,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from seq2seq.config import DataConfig, TokenizerConfig
-from seq2seq.data.batching import Batch, FlatIds, collate_flat
-from seq2seq.data.corpus import CorpusError, PairSource, RawChunk, clean_chunk, train_source
+from seq2seq.data.batching import Batch, FlatIds, collate_flat, within_limits
+from seq2seq.data.chunks import FIRST_BAD, Chunk, CorpusError, clean
+from seq2seq.data.corpus import PairSource, report_bad_rows, train_source
 from seq2seq.data.integrity import (
     FORMAT_VERSION,
     HEADER,
@@ -68,14 +68,23 @@ __all__ = [
     "store_key",
 ]
 
-CHUNK_LINES = 10_000  # per task sent to a worker: large enough to amortise the pickling
+# Rows read, bad rows skipped (the first few named), pairs dropped as empty or by
+# the length filters, and pairs kept: recorded when a store is built.
+COUNTS = ("lines", "bad_rows", "bad_examples", "empty", "filtered", "pairs")
+CHUNK_LINES = 10_000  # rows per encoding task: large enough to amortise the hand-over
 
 
 class TokenStore:
     """The encoded training pairs: lengths as numpy arrays, batches padded from the ids."""
 
     def __init__(
-        self, src: FlatIds, tgt: FlatIds, *, path: Path | None = None, corpus_digest: str = ""
+        self,
+        src: FlatIds,
+        tgt: FlatIds,
+        *,
+        path: Path | None = None,
+        corpus_digest: str = "",
+        counts: dict[str, Any] | None = None,
     ) -> None:
         if len(src.lengths) != len(tgt.lengths):
             raise ValueError(f"sides differ: {len(src.lengths)} and {len(tgt.lengths)} sentences")
@@ -83,6 +92,7 @@ class TokenStore:
         self.tgt = tgt
         self.path = path
         self.corpus_digest = corpus_digest  # the content the store was encoded from
+        self.counts = counts or {}  # what became of the corpus's rows (see ``COUNTS``)
 
     def __len__(self) -> int:
         return len(self.src.lengths)
@@ -114,7 +124,9 @@ class TokenStore:
             for side in SIDES
         )
         try:
-            return cls(src, tgt, path=directory, corpus_digest=str(header["corpus_digest"]))
+            counts = {name: header[name] for name in COUNTS if name in header}
+            digest = str(header["corpus_digest"])
+            return cls(src, tgt, path=directory, corpus_digest=digest, counts=counts)
         except (KeyError, ValueError) as e:
             raise TokenStoreError(f"{directory / HEADER} does not describe the store ({e})") from e
 
@@ -139,29 +151,27 @@ class _Encoded:
     lines: int
     empty: int
     filtered: int
+    bad: int
+    bad_names: tuple[str, ...]
 
 
 class _Encoder:
-    """What a worker needs to encode chunks: the models, the files, the filters."""
+    """Cleans, encodes and filters one chunk; called from several threads at once."""
 
-    def __init__(
-        self,
-        models: dict[str, bytes],
-        names: tuple[Path, Path] | None,
-        filters: Filters,
-    ) -> None:
-        self.tokenizer = Tokenizer.from_serialized(models)
-        self.names = names
+    def __init__(self, tokenizer: Tokenizer, filters: Filters) -> None:
+        self.tokenizer = tokenizer
         self.filters = filters
         self.dtypes = tuple(
-            _id_dtype(n) for n in (self.tokenizer.src_vocab_size, self.tokenizer.tgt_vocab_size)
+            _id_dtype(n) for n in (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
         )
 
-    def __call__(self, chunk: RawChunk) -> _Encoded:
-        src, tgt = clean_chunk(chunk, self.names)
+    def __call__(self, chunk: Chunk) -> _Encoded:
+        src, tgt, empty = clean(chunk.src, chunk.tgt)
         rows = (self.tokenizer.encode_src(src), self.tokenizer.encode_tgt(tgt))
         lengths = [np.fromiter(map(len, side), np.int64, count=len(side)) for side in rows]
-        keep = _within_limits(lengths[0], lengths[1], self.filters)
+        keep = within_limits(
+            lengths[0], lengths[1], self.filters.max_length, self.filters.max_ratio
+        )
         flat = []
         for side, side_lengths, dtype in zip(rows, lengths, self.dtypes, strict=True):
             ids = np.fromiter(chain.from_iterable(side), dtype, count=int(side_lengths.sum()))
@@ -169,70 +179,53 @@ class _Encoder:
         return _Encoded(
             ids=(flat[0], flat[1]),
             lengths=(lengths[0][keep], lengths[1][keep]),
-            lines=len(chunk.src),
-            empty=len(chunk.src) - len(src),
+            lines=chunk.rows,
+            empty=empty,
             filtered=int(len(src) - keep.sum()),
+            bad=chunk.bad,
+            bad_names=chunk.bad_names,
         )
-
-
-def _within_limits(n_src: np.ndarray, n_tgt: np.ndarray, filters: Filters) -> np.ndarray:
-    """The same rule as ``batching.encode_pairs``, over arrays."""
-    longer, shorter = np.maximum(n_src, n_tgt), np.minimum(n_src, n_tgt)
-    keep = shorter > 0
-    if filters.max_length:
-        keep &= longer <= filters.max_length
-    if filters.max_ratio:
-        keep &= longer / np.maximum(shorter, 1) <= filters.max_ratio
-    return keep
 
 
 def _id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
 
 
-_worker: _Encoder | None = None
+def _encoded_chunks(source: PairSource, encoder: _Encoder, workers: int) -> Iterator[_Encoded]:
+    """Encoded chunks in corpus order, from ``workers`` threads (in this one for 1).
 
-
-def _init_worker(models: dict[str, bytes], names: tuple[Path, Path] | None, f: Filters) -> None:
-    global _worker
-    _worker = _Encoder(models, names, f)
-
-
-def _encode_in_worker(chunk: RawChunk) -> _Encoded:
-    assert _worker is not None
-    return _worker(chunk)
-
-
-def _encoded_chunks(source: PairSource, encoder_args: tuple, workers: int) -> Iterator[_Encoded]:
-    """Encoded chunks in corpus order, from ``workers`` processes (in-process for 1)."""
+    Why threads: SentencePiece encodes without the interpreter lock, so threads
+    use every core while this thread reads the next chunk, with no pickling of
+    chunks to processes. At most two chunks per thread are in flight, so the
+    corpus is never read far ahead of the encoding.
+    """
     chunks = source.chunks(CHUNK_LINES)
     if workers <= 1:
-        encoder = _Encoder(*encoder_args)
         yield from map(encoder, chunks)
         return
-    # fork: workers inherit the imported modules and start at once; they run only
-    # SentencePiece and numpy, never torch, so the parent's threads do not matter.
-    # At most two chunks per worker in flight: ``Pool.imap`` would read the whole
-    # corpus ahead into its task queue.
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
-        pending: deque[AsyncResult[_Encoded]] = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+        pending: deque[Future[_Encoded]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(encoder, chunk))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
-def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[str, int], str]:
+def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[str, Any], str]:
     """Append each chunk's ids to ``*.ids`` as it arrives; lengths and offsets at the end.
 
-    Returns the counts (lines read, pairs dropped as empty or by the filters, pairs
-    kept) and the dtype of the length arrays.
+    Returns the counts (rows read, bad rows skipped and the first few named, pairs
+    dropped as empty or by the filters, pairs kept) and the dtype of the length arrays.
     """
     lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
-    counts = {"lines": 0, "empty": 0, "filtered": 0}
+    counts: dict[str, Any] = {"lines": 0, "empty": 0, "filtered": 0, "bad_rows": 0}
+    names: list[str] = []
     files: dict[str, BinaryIO] = {}
     try:
         for side in SIDES:
@@ -241,8 +234,10 @@ def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[st
             for side, ids, side_lengths in zip(SIDES, chunk.ids, chunk.lengths, strict=True):
                 ids.tofile(files[side])
                 lengths[side].append(side_lengths)
-            for name in counts:
+            for name in ("lines", "empty", "filtered"):
                 counts[name] += getattr(chunk, name)
+            counts["bad_rows"] += chunk.bad
+            names += chunk.bad_names[: max(0, FIRST_BAD - len(names))]
     finally:
         for handle in files.values():
             handle.close()
@@ -254,7 +249,7 @@ def _write_arrays(directory: Path, encoded: Iterable[_Encoded]) -> tuple[dict[st
         np.cumsum(joined[side], out=offsets[1:])
         offsets.tofile(directory / f"{side}.off")
         joined[side].astype(length_dtype).tofile(directory / f"{side}.len")
-    return {**counts, "pairs": len(joined["src"])}, str(length_dtype)
+    return {**counts, "bad_examples": names, "pairs": len(joined["src"])}, str(length_dtype)
 
 
 def store_key(fingerprint: str, tokenizer: Tokenizer, filters: Filters) -> str:
@@ -275,8 +270,8 @@ def _build(
     """Encode ``source`` into a temporary directory and rename it to ``directory``."""
     with atomic_directory(directory, replace=False) as tmp:
         start = time.monotonic()
-        encoder_args = (tokenizer.serialize(), source.files, filters)
-        counts, length_dtype = _write_arrays(tmp, _encoded_chunks(source, encoder_args, workers))
+        encoder = _Encoder(tokenizer, filters)
+        counts, length_dtype = _write_arrays(tmp, _encoded_chunks(source, encoder, workers))
         seconds = time.monotonic() - start
         _check_counts(counts, source.name, filters)
         header = {
@@ -287,13 +282,13 @@ def _build(
             "tgt_dtype": str(_id_dtype(tokenizer.tgt_vocab_size)),
             "max_length": filters.max_length,
             "max_ratio": filters.max_ratio,
-            "files": [str(path) for path in source.files] if source.files else None,
+            "files": [str(path) for path in source.paths] or None,
             "encode_seconds": round(seconds, 3),
             "corpus_digest": source.content_digest,
         }
         seal(tmp, header)
         logger.info(
-            "encoded %d lines in %.1fs (%.0f pairs/s, %d workers) into %s",
+            "encoded %d lines in %.1fs (%.0f pairs/s, %d threads) into %s",
             counts["lines"],
             seconds,
             counts["lines"] / max(seconds, 1e-9),
@@ -302,7 +297,8 @@ def _build(
         )
 
 
-def _check_counts(counts: dict[str, int], name: str, filters: Filters) -> None:
+def _check_counts(counts: dict[str, Any], name: str, filters: Filters) -> None:
+    report_bad_rows("train", counts["bad_rows"], counts["bad_examples"])
     if counts["empty"]:
         logger.warning(
             "train split: dropped %d of %d pairs with an empty side",
@@ -353,7 +349,7 @@ def open_or_build(
     workers: int = 0,
 ) -> TokenStore:
     """The store for this corpus, tokenizer and filters under ``directory``:
-    mapped from the cache, or encoded with ``workers`` processes (0: one per core)."""
+    mapped from the cache, or encoded with ``workers`` threads (0: one per core)."""
     path = directory / store_key(source.fingerprint, tokenizer, filters)
     store = _open_cached(path)
     if store is None:

@@ -77,13 +77,33 @@ class EnsembleRecord:
     kind: Literal["ensemble"] = "ensemble"
 
 
-Record = TrainRecord | ValidRecord | AverageRecord | EnsembleRecord
+@dataclass(frozen=True)
+class DataRecord:
+    """What became of the training split's rows when its token store was built:
+    rows read, bad rows skipped (the first few named), pairs dropped as empty or
+    by the length filters, and pairs kept."""
+
+    step: int
+    epoch: int
+    elapsed: float
+    lines: int = 0
+    bad_rows: int = 0
+    bad_examples: list[str] = dataclasses.field(default_factory=list)
+    empty: int = 0
+    filtered: int = 0
+    pairs: int = 0
+    split: str = "train"
+    kind: Literal["data"] = "data"
+
+
+Record = TrainRecord | ValidRecord | AverageRecord | EnsembleRecord | DataRecord
 StepRecord = TrainRecord | ValidRecord | AverageRecord
 KINDS: dict[str, type[Record]] = {
     "train": TrainRecord,
     "valid": ValidRecord,
     "average": AverageRecord,
     "ensemble": EnsembleRecord,
+    "data": DataRecord,
 }
 
 

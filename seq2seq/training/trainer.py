@@ -38,7 +38,14 @@ from seq2seq.runtime import distributed
 from seq2seq.runtime.device import pick_device, use_bf16
 from seq2seq.training import records, rundir, setup, snapshots, validation
 from seq2seq.training.optim import Scheduler, build_optimizer, build_scheduler
-from seq2seq.training.records import AverageRecord, Record, Reporter, TrainRecord, ValidRecord
+from seq2seq.training.records import (
+    AverageRecord,
+    DataRecord,
+    Record,
+    Reporter,
+    TrainRecord,
+    ValidRecord,
+)
 from seq2seq.training.state import Checkpoint, RngState, TrainerState, resume
 from seq2seq.training.validation import Scores, ValidSet
 
@@ -171,6 +178,7 @@ class Trainer:
         if on_accepted is not None and self.world.is_main:
             on_accepted()
         self.run.mark("running")
+        self._record(DataRecord(*_when(self.state), **self.train_data.counts))
         start = time.monotonic() - self.state.elapsed
         window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
         per_step = self.world.size * t.accumulate  # batches per optimiser step, all processes

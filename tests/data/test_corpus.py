@@ -13,15 +13,9 @@ import pytest
 
 from seq2seq.config import BuiltinConfig, DataConfig, DataFormat, SplitConfig
 from seq2seq.data import corpus
-from seq2seq.data.corpus import (
-    CorpusError,
-    clean_chunk,
-    load_corpus,
-    load_split,
-    open_text,
-    read_lines,
-    train_source,
-)
+from seq2seq.data.chunks import clean
+from seq2seq.data.corpus import CorpusError, load_corpus, load_split, train_source
+from seq2seq.data.text import TextError, iter_lines, read_lines
 from tests.helpers import MULTI30K
 
 
@@ -35,25 +29,29 @@ def pairs(dataset: datasets.Dataset) -> list[tuple[str, str]]:
     return list(zip(dataset["src"], dataset["tgt"], strict=True))
 
 
-def test_open_text_and_read_lines_gz_and_crlf(tmp_path: Path) -> None:
+def test_read_lines_plain_gz_bom_newline_only_and_nul(tmp_path: Path) -> None:
     plain = tmp_path / "a.txt"
-    plain.write_bytes("\ufeffeins\r\nzwei\u2028drei\rvier\n\nfünf".encode())
-    assert read_lines(plain) == ["eins", "zwei\u2028drei\rvier", "", "fünf"]
+    plain.write_bytes("\ufeffeins\r\nzwei\u2028drei\rvier\n\n \0 \nfünf".encode())
+    assert read_lines(plain) == ["eins\r", "zwei\u2028drei\rvier", "", "", "fünf"]
     gz = write(tmp_path / "b.txt.gz", ["Grüße", "x"], gz=True)
-    with open_text(gz) as handle:
-        assert handle.read() == "Grüße\nx\n"
-    with open_text(plain) as handle:
-        assert handle.readline() == "eins\r\n"
     assert read_lines(gz) == ["Grüße", "x"]
+    assert list(iter_lines(gz)) == ["Grüße", "x"]
 
 
-def test_read_lines_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(CorpusError, match=r"not found: .*nope\.txt"):
+def test_read_lines_errors_name_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(TextError, match=r"file not found: .*nope\.txt"):
         read_lines(tmp_path / "nope.txt")
+    with pytest.raises(CorpusError, match=r"corpus file not found"):
+        read_lines(tmp_path / "nope.txt", what="corpus file", error=CorpusError)
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"ok\n\xff\n")
-    with pytest.raises(CorpusError, match=r"bad.txt:2: not valid UTF-8"):
+    bad.write_bytes(b"ok\n" * 20_001 + b"\xff\n")  # past the first block of lines
+    with pytest.raises(TextError, match=r"bad.txt:20002: not valid UTF-8 \(byte 1 "):
         read_lines(bad)
+    assert read_lines(bad, errors="replace")[-1] == "\ufffd"
+    broken = tmp_path / "c.txt.gz"
+    broken.write_bytes(gzip.compress(b"a\nb\n" * 1000)[:-20])
+    with pytest.raises(TextError, match=r"c\.txt\.gz: corrupt or truncated"):
+        read_lines(broken)
 
 
 def test_text_pair_files_plain_and_gz(tmp_path: Path) -> None:
@@ -119,7 +117,7 @@ def test_all_empty_split_and_unknown_format_error(tmp_path: Path) -> None:
     path = write(tmp_path / "train.tsv", ["\t", " \tx"])
     with pytest.raises(CorpusError, match=r"train split .* no non-empty pairs"):
         load_split(DataConfig(format=DataFormat.tsv, train=SplitConfig(path=str(path))), "train")
-    with pytest.raises(CorpusError, match=r"unknown data\.format=csv; valid: builtin, text"):
+    with pytest.raises(CorpusError, match=r"data\.format='csv'; choose one of builtin, text"):
         load_split(DataConfig(format="csv"), "train")  # type: ignore[arg-type]
 
 
@@ -176,7 +174,9 @@ def test_hub_rows_mapped_to_src_tgt(monkeypatch: pytest.MonkeyPatch) -> None:
     """No network: ``load_dataset`` is replaced by in-memory datasets of both hub shapes."""
     calls = []
 
-    def fake_load_dataset(name: str, config: str | None, split: str) -> datasets.Dataset:
+    def fake_load_dataset(
+        name: str, config: str | None, split: str, streaming: bool
+    ) -> datasets.Dataset:
         calls.append((name, config, split))
         if split == "train":
             return datasets.Dataset.from_dict({"en": [" a cat", "x"], "de": ["eine Katze", ""]})
@@ -246,12 +246,11 @@ def test_streamed_pairs_equal_the_loaded_split(tmp_path: Path) -> None:
     tgt = write(tmp_path / "train.de.gz", tgt_lines, gz=True)
     cfg = _text_config(src, tgt)
     source = train_source(cfg)
-    assert source.files == (src, tgt) and source.dataset is None
+    assert source.files == (src, tgt)
     assert list(source.pairs()) == pairs(load_split(cfg, "train"))
     for size in (1, 7, 1000):  # chunk boundaries do not change the cleaned pairs
-        chunks = list(source.chunks(size))
-        cleaned = [clean_chunk(chunk, source.files) for chunk in chunks]
-        assert [p for s, t in cleaned for p in zip(s, t, strict=True)] == list(source.pairs())
+        cleaned = [clean(chunk.src, chunk.tgt) for chunk in source.chunks(size)]
+        assert [p for s, t, _ in cleaned for p in zip(s, t, strict=True)] == list(source.pairs())
 
 
 def test_streamed_misaligned_files_name_both_paths_and_counts(tmp_path: Path) -> None:
@@ -274,7 +273,7 @@ def test_streamed_errors_name_file_and_line(tmp_path: Path) -> None:
         train_source(_text_config(tmp_path / "nope.en", tgt)).fingerprint  # noqa: B018
 
 
-def test_train_source_streams_files_and_loads_other_formats(tmp_path: Path) -> None:
+def test_train_source_streams_every_format(tmp_path: Path) -> None:
     write(tmp_path / "train.en.gz", ["one", "two"], gz=True)
     write(tmp_path / "train.de", ["eins", "zwei"])
     in_dir = train_source(DataConfig(format=DataFormat.hub, name="x", dir=str(tmp_path)))
@@ -282,10 +281,10 @@ def test_train_source_streams_files_and_loads_other_formats(tmp_path: Path) -> N
     assert list(in_dir.pairs()) == [("one", "eins"), ("two", "zwei")]
     tsv = write(tmp_path / "train.tsv", ["a\tb", " c \td"])
     loaded = train_source(DataConfig(format=DataFormat.tsv, train=SplitConfig(path=str(tsv))))
-    assert loaded.files is None and list(loaded.pairs()) == [("a", "b"), ("c", "d")]
+    assert loaded.paths == (tsv,) and list(loaded.pairs()) == [("a", "b"), ("c", "d")]
     builtin = train_source(DataConfig(builtin=BuiltinConfig(train_size=30, seed=2)))
     assert len(list(builtin.pairs())) == 30
-    with pytest.raises(CorpusError, match=r"unknown data\.format=csv"):
+    with pytest.raises(CorpusError, match=r"data\.format='csv'"):
         train_source(DataConfig(format="csv"))  # type: ignore[arg-type]
 
 
