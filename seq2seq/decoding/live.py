@@ -329,7 +329,8 @@ class LiveBeam(LiveSearch[TagT]):
 
     def _last_tokens(self) -> Tensor:
         """(B*K,) BOS for a sentence at its first step, else each beam's last token."""
-        last = (self.steps - 1).clamp(min=0)
+        # A frozen sentence keeps counting steps past its buffer: its tokens are unread.
+        last = (self.steps - 1).clamp(min=0, max=self.beams.tokens.size(2) - 1)
         index = last[:, None, None].expand(-1, self.settings.beam_size, 1)
         tokens = self.beams.tokens.gather(2, index)[:, :, 0]
         tokens = tokens.masked_fill((self.steps == 0)[:, None], self.settings.bos_id)
