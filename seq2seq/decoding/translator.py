@@ -18,6 +18,7 @@ lines to batch well.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -36,6 +37,7 @@ from seq2seq.data.batching import pad
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from seq2seq.decoding import inference
 from seq2seq.decoding.ensemble import for_search
+from seq2seq.decoding.live import LiveBeam, LiveGreedy, LiveSettings, live_search
 from seq2seq.decoding.search import Hypothesis, Searchable, beam_search, greedy
 from seq2seq.model import bundle as bundle_io
 from seq2seq.model.ensemble import Ensemble
@@ -179,14 +181,26 @@ class Translator:
         self, lines: Sequence[str], *, first_line: int, attention: bool
     ) -> list[list[TextHypothesis]]:
         """`hypotheses` with line numbers counted from ``first_line`` in warnings."""
-        stripped = [line.strip() for line in lines]
-        src_ids = self._truncate(self.tokenizer.encode_src(stripped), first_line)
+        src_ids = self.source_ids(lines, first_line=first_line)
         found = self.search_ids(src_ids, attention=attention)
-        results: list[list[TextHypothesis]] = []
-        for line, ids, hyps in zip(stripped, src_ids, found, strict=True):
-            src_pieces = tuple(self.tokenizer.src_pieces(line)[: len(ids)]) if hyps else ()
-            results.append([self._to_text(h, src_pieces) for h in hyps])
-        return results
+        return [
+            self.texts(line, ids, hyps)
+            for line, ids, hyps in zip(lines, src_ids, found, strict=True)
+        ]
+
+    def source_ids(self, lines: Sequence[str], *, first_line: int = 1) -> list[list[int]]:
+        """The source ids search reads for each line: stripped, tokenized, truncated."""
+        stripped = [line.strip() for line in lines]
+        return self._truncate(self.tokenizer.encode_src(stripped), first_line)
+
+    def texts(
+        self, line: str, ids: Sequence[int], hyps: Sequence[Hypothesis]
+    ) -> list[TextHypothesis]:
+        """The hypotheses search found for ``line`` (read as ``ids``), as text."""
+        if not hyps:
+            return []
+        src_pieces = tuple(self.tokenizer.src_pieces(line.strip())[: len(ids)])
+        return [self._to_text(h, src_pieces) for h in hyps]
 
     def _truncate(self, src_ids: list[list[int]], first_line: int) -> list[list[int]]:
         limit = self.decode.max_input_tokens
@@ -239,6 +253,27 @@ class Translator:
                 for i, h in zip(batch, hyps, strict=True):
                     results[i] = h
         return results
+
+    def live(self, *, attention: bool) -> LiveGreedy[Any] | LiveBeam[Any]:
+        """An empty live batch with these decoding settings, which sentences join and
+        leave step by step (`seq2seq.decoding.live`); run its calls in `search_mode`."""
+        d = self.decode
+        settings = LiveSettings(
+            beam_size=d.beam_size,
+            nbest=d.nbest,
+            alpha=d.alpha,
+            max_len_a=d.max_len_a,
+            max_len_b=d.max_len_b,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            attention=attention,
+        )
+        self.model.eval()
+        return live_search(self.searched, settings, self.device)
+
+    def search_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The autograd and precision mode search runs in, for this thread."""
+        return self._search_mode()
 
     @contextmanager
     def _search_mode(self) -> Iterator[None]:
