@@ -364,18 +364,18 @@ class EvaluateApp:
 
 @dataclass
 class ServeApp:
-    """``seq2seq-serve``: a bundle behind an HTTP API with dynamic batching.
+    """``seq2seq-serve``: a bundle behind an HTTP API with live batching.
 
-    Requests wait in one queue; a free search worker takes up to
-    ``max_batch_sentences`` sentences (and ``max_batch_tokens`` whitespace-separated
-    source words) that share decoding settings, once that many wait, or the clients
-    the last search answered have sent their next requests, or ``max_wait_ms`` after
-    it ended (at once on an idle service), and searches them as one batch.
+    Requests wait in one queue; each of ``workers`` search threads runs a live batch
+    that waiting sentences with its decoding settings enter at every decoding step
+    (up to ``max_batch_sentences`` sentences and ``max_batch_tokens`` source pieces)
+    and finished ones leave. A search stops taking new sentences once a request with
+    other settings has waited ``max_wait_ms``, so no setting starves another.
     ``max_queue`` bounds the sentences waiting (503 beyond it); ``timeout`` bounds a
-    request's wait in seconds (504). ``workers`` batches are searched at once (0: one
-    per CPU core), each on ``threads`` torch threads. One worker by default: search
-    steps cost nearly the same for 32 sentences as for 16, so one batch of all the
-    waiting sentences needs less CPU than two halves side by side.
+    request's wait for its answer in seconds (504). Each search runs on ``threads``
+    torch threads (``workers`` 0: one search thread per CPU core). One worker by
+    default: a step costs nearly the same for 32 sentences as for 16, so one batch of
+    all the waiting sentences needs less CPU than two halves side by side.
     """
 
     model: str = MISSING

@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from seq2seq.config import ServeApp
@@ -39,6 +39,7 @@ from seq2seq.service.api import (
     _translation,
 )
 from seq2seq.service.batcher import Batcher, Stats, search_workers
+from seq2seq.service.metrics import CONTENT_TYPE, RequestCounter, ServiceMetrics
 
 __all__ = [
     "API_KEY_ENV",
@@ -205,16 +206,18 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
     check_config(config)
     key = config.api_key or os.environ.get(API_KEY_ENV) or None
     state: dict[str, Batcher] = {}
+    metrics = ServiceMetrics()  # this app's own registry
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["batcher"] = batcher = Batcher(translator, config)
+        state["batcher"] = batcher = Batcher(translator, config, metrics)
         batcher.start()
         yield
         await batcher.close()
 
     app = FastAPI(title="seq2seq translation service", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: sees every answer
     _install_error_handlers(app)
     authorized = [Depends(_key_checker(key))]
     started = time.time()
@@ -224,7 +227,9 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         """Translate ``q``; one translation per line, in order."""
         lines = _check_request(body, config, info)
         decode = _decode_key(body, config)
-        found = await state["batcher"].submit(lines, decode)
+        # Queued or refused (503) here, before the first await: a refusal never waits.
+        job = state["batcher"].enqueue(lines, decode)
+        found = await state["batcher"].answer(job)
         translations = [
             _translation(hyps, nbest=decode.nbest, attention=decode.attention) for hyps in found
         ]
@@ -251,6 +256,11 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         """The model, decoding defaults, limits, batching settings and counters."""
         batcher = state.get("batcher")
         return _info(info, config, batcher, uptime=time.time() - started)
+
+    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
+    async def prometheus() -> Response:
+        """Counters, gauges and latency histograms in Prometheus' text format."""
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:

@@ -1,56 +1,68 @@
-"""The service's scheduler: requests queue here and are searched in batches.
+"""The service's scheduler: requests queue here and their sentences are searched in
+live batches that they enter and leave step by step.
 
-Why a batcher: searching sentences one request at a time leaves most of the CPU
-idle between small matrix products; searching what several clients sent together
-costs little more than searching one sentence. Requests wait in one queue; whenever
-one of ``workers`` search threads is free, the batcher takes the oldest request and
-every waiting request with the same decoding settings (up to ``max_batch_sentences``
-sentences and ``max_batch_tokens`` source words), once the batch is full, or the
-clients the last search answered are back, or ``max_wait_ms`` after it ended, and
-searches them as one call to
-`Translator.hypotheses` on that thread, so the event loop keeps accepting and
-rejecting requests meanwhile. Search treats every sentence independently of its
-batch-mates, so batching never changes a translation.
+Why per step: a batch formed per request group and searched to its end makes a
+sentence that arrives one step after it started wait for the whole batch, and the
+batch shrinks as its sentences finish while the queue grows. Here each of
+``workers`` search threads runs a live batch (`seq2seq.decoding.live`, Orca's
+iteration-level scheduling): at every decoding step the sentences that finished are
+answered at once and leave, and waiting sentences with the same decoding settings
+are encoded and enter, up to ``max_batch_sentences`` sentences and
+``max_batch_tokens`` source pieces. A request is answered when its last line is.
+Search treats every sentence independently of its batch-mates, whichever step they
+joined at, so scheduling never changes a translation.
+
+Different decoding settings never share a search: a search takes only requests
+with its settings. So that one setting cannot starve another, a search stops taking
+new requests once a request with other settings, which no search serves, has waited
+``max_wait_ms``; it then finishes what it holds and its thread serves the oldest
+request. A request is tokenized on the search thread that takes it, so a line the
+tokenizer refuses fails its own request only.
 
 Why bounded: the queue holds at most ``max_queue`` sentences; beyond it a request
-is refused at once with 503 and ``Retry-After`` instead of waiting without end, and
-a request that waits longer than ``timeout`` seconds gets 504. On shutdown the
-batcher finishes every queued request before it stops.
+is refused at once with 503 and ``Retry-After`` (decided synchronously, before the
+handler awaits anything), and a request whose answer takes longer than ``timeout``
+seconds gets 504. On shutdown the batcher finishes every queued request before it
+stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from typing import Any
 
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import TextHypothesis, Translator
 from seq2seq.runtime import cores
 from seq2seq.service.api import DecodeKey, ServiceError
+from seq2seq.service.metrics import ServiceMetrics
 
-__all__ = ["Batcher", "Job", "Stats", "search_workers"]
+__all__ = ["Batcher", "Job", "JobQueue", "Stats", "search_workers"]
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request waiting for its lines' n-best lists."""
 
     lines: list[str]
     key: DecodeKey
     future: asyncio.Future[list[list[TextHypothesis]]]
-    words: int
-    arrived: float
+    arrived: float  # time.perf_counter()
+    ids: list[list[int]] | None = None  # tokenized by the search that takes it
+    found: list[list[TextHypothesis]] = field(default_factory=list)
+    left: int = 0  # lines still being searched
+    entered: float = 0.0
 
 
 @dataclass
@@ -59,36 +71,221 @@ class Stats:
 
     requests: int = 0  # accepted into the queue
     sentences: int = 0  # searched
-    batches: int = 0
-    largest_batch: int = 0  # sentences
+    batches: int = 0  # live batches started (each serves many requests in turn)
+    largest_batch: int = 0  # most sentences searched together at one step
+    steps: int = 0  # decoding steps, over all live batches
     rejected: int = 0  # 503: queue full or shutting down
     timed_out: int = 0  # 504
-    search_seconds: float = 0.0  # summed over batches (several run at once)
+    search_seconds: float = 0.0  # summed over steps (several searches run at once)
 
 
-def _words(lines: Sequence[str]) -> int:
-    """Source size for the batch budget, counted without running the tokenizer."""
-    return sum(len(line.split()) + 1 for line in lines)
+class JobQueue:
+    """The waiting requests, shared by the event loop and the search threads (locked)."""
+
+    def __init__(self, max_wait: float) -> None:
+        self.lock = threading.Lock()
+        self.sentences = 0  # in the queue
+        self._jobs: deque[Job] = deque()
+        self._max_wait = max_wait
+        self._served: Counter[DecodeKey] = Counter()  # searches running, per setting
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        with self.lock:
+            self._jobs.append(job)
+            self.sentences += len(job.lines)
+
+    def take(self, job: Job) -> bool:
+        """Remove ``job`` if it still waits (it may have timed out)."""
+        with self.lock:
+            if job not in self._jobs:
+                return False
+            self._jobs.remove(job)
+            self.sentences -= len(job.lines)
+            return True
+
+    def serving(self, key: DecodeKey, change: int) -> None:
+        with self.lock:
+            self._served[key] += change
+
+    def waiting_keys(self) -> list[DecodeKey]:
+        """The settings of the waiting requests, oldest first, each once."""
+        with self.lock:
+            return list(dict.fromkeys(job.key for job in self._jobs))
+
+    def next_for(self, key: DecodeKey) -> Job | None:
+        """The oldest request with ``key``, unless a request with other settings that
+        no search serves has waited ``max_wait`` seconds ahead of it."""
+        now = time.perf_counter()
+        with self.lock:
+            for job in self._jobs:
+                if job.key == key:
+                    return job
+                if not self._served[job.key] and now - job.arrived >= self._max_wait:
+                    return None
+        return None
+
+
+class LiveLoop:
+    """One live batch with one decoding setting, run on a search thread: it takes its
+    setting's requests from the queue as room allows, steps, and answers each request
+    when its last line finishes; it ends when it holds nothing and nothing it may
+    take waits."""
+
+    def __init__(
+        self,
+        translator: Translator,
+        key: DecodeKey,
+        config: ServeApp,
+        queue: JobQueue,
+        counters: tuple[Stats, ServiceMetrics],
+        post: Callable[..., Any],
+    ) -> None:
+        self.key = key
+        self.size = 0  # sentences inside, read by the event loop
+        self.full = False  # the oldest request it may take did not fit, read likewise
+        self.spare_workers = 0  # free search threads when it started
+        # workers=1: the service runs its searches side by side, one per search thread
+        self._translator = translator.with_decode(
+            beam_size=key.beam_size, nbest=key.nbest, workers=1
+        )
+        self._config = config
+        self._queue = queue
+        self._stats, self._metrics = counters
+        self._post = post  # runs a callable on the event loop
+
+    def run(self) -> None:
+        translator = self._translator
+        live = translator.live(attention=self.key.attention)
+        inside: set[Job] = set()
+        steps = 0
+        with translator.search_mode():
+            while True:
+                sources, tags = self._admit(live.size, live.pieces, inside)
+                if not sources and not live.size:
+                    break
+                try:
+                    live.add(sources, tags)
+                    start = time.perf_counter()
+                    finished = live.step()
+                    seconds = time.perf_counter() - start
+                    done = self._record(translator, finished)
+                except Exception as e:  # a bug in search fails the requests it holds
+                    logger.exception("search failed with %d requests inside", len(inside))
+                    for job in inside:
+                        self._answer(job, e)
+                    inside.clear()
+                    live = translator.live(attention=self.key.attention)
+                    self.size = 0
+                    continue
+                self.size = live.size
+                self._count(seconds, len(finished), self.size + len(finished), first=not steps)
+                steps += 1
+                for job in done:
+                    inside.discard(job)
+                    self._answer(job, None)
+
+    def _admit(
+        self, size: int, pieces: int, inside: set[Job]
+    ) -> tuple[list[list[int]], list[tuple[Job, int]]]:
+        """Take waiting requests, oldest first, while they fit; returns the source ids
+        and tags of their non-empty lines (tokenized here, off the event loop)."""
+        sources: list[list[int]] = []
+        tags: list[tuple[Job, int]] = []
+        full = False
+        while (job := self._queue.next_for(self.key)) is not None:
+            if job.ids is None:
+                try:
+                    job.ids = self._translator.source_ids(job.lines)
+                except Exception as e:  # a line the tokenizer refuses fails its request
+                    if self._queue.take(job):
+                        self._answer(job, e)
+                    continue
+            lines = sum(1 for ids in job.ids if ids)
+            length = sum(len(ids) for ids in job.ids)
+            room = (
+                size + lines <= self._config.max_batch_sentences
+                and pieces + length <= self._config.max_batch_tokens
+            )
+            if size and not room:
+                full = True
+                break
+            if not self._queue.take(job):
+                continue  # it gave up waiting meanwhile
+            size, pieces = size + lines, pieces + length
+            job.entered = time.perf_counter()
+            self._metrics.queue_wait.observe(job.entered - job.arrived)
+            job.found = [[] for _ in job.lines]
+            job.left = lines
+            if not lines:
+                self._answer(job, None)
+                continue
+            inside.add(job)
+            for i, ids in enumerate(job.ids):
+                if ids:
+                    sources.append(ids)
+                    tags.append((job, i))
+        if full and not self.full and self.spare_workers:
+            self._post(None, None)  # another search thread may take what does not fit
+        self.full = full
+        return sources, tags
+
+    def _record(
+        self, translator: Translator, finished: list[tuple[tuple[Job, int], Any]]
+    ) -> list[Job]:
+        """Store the finished lines' texts; returns the requests now complete."""
+        done = []
+        for (job, i), hyps in finished:
+            job.found[i] = translator.texts(job.lines[i], job.ids[i] if job.ids else [], hyps)
+            job.left -= 1
+            if job.left == 0:
+                done.append(job)
+        return done
+
+    def _count(self, seconds: float, answered: int, searched: int, *, first: bool) -> None:
+        with self._queue.lock:
+            stats = self._stats
+            stats.steps += 1
+            stats.search_seconds += seconds
+            stats.sentences += answered
+            stats.largest_batch = max(stats.largest_batch, searched)
+            stats.batches += first
+        self._metrics.occupancy.observe(searched)
+
+    def _answer(self, job: Job, error: BaseException | None) -> None:
+        now = time.perf_counter()
+        outcome = "failed" if error is not None else "translated"
+        self._metrics.sentences.labels(outcome).inc(len(job.lines))
+        if error is None:
+            self._metrics.search.observe(now - job.entered)
+            self._metrics.total.observe(now - job.arrived)
+        self._post(job, error)
 
 
 class Batcher:
-    """Collects waiting requests into batches and searches each on one of its search
-    threads (see the module docstring)."""
+    """Queues requests and runs live batches on its search threads (see the module
+    docstring); the event-loop side."""
 
-    def __init__(self, translator: Translator, config: ServeApp) -> None:
+    def __init__(
+        self, translator: Translator, config: ServeApp, metrics: ServiceMetrics | None = None
+    ) -> None:
         self._translator = translator
         self._config = config
-        self._jobs: deque[Job] = deque()
-        self._waiting = 0  # sentences in _jobs
+        self.metrics = metrics or ServiceMetrics()
+        self.queue = JobQueue(config.max_wait_ms / 1000)
+        self.stats = Stats()
         self._wake = asyncio.Event()
         self._workers = search_workers(config)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="seq2seq-search")
-        self._running: set[asyncio.Task[None]] = set()
-        self._last_finish = -math.inf  # event-loop time the last search ended
-        self._expected = 0  # sentences waiting then, plus those that search answered
+        self._searches: dict[asyncio.Future[None], LiveLoop] = {}
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self.stats = Stats()
+        self.metrics.watch(
+            lambda: self.queue.sentences, lambda: self.live_sentences, lambda: self.searching
+        )
 
     @property
     def ready(self) -> bool:
@@ -96,16 +293,22 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        """Sentences queued and not yet taken into a batch."""
-        return self._waiting
+        """Sentences queued and not yet in a search."""
+        return self.queue.sentences
 
     @property
     def searching(self) -> int:
-        """Batches being searched now."""
-        return len(self._running)
+        """Live batches running now."""
+        return len(self._searches)
+
+    @property
+    def live_sentences(self) -> int:
+        """Sentences being searched now."""
+        return sum(search.size for search in list(self._searches.values()))
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
 
     async def close(self) -> None:
         """Refuse new requests, finish every queued one, then stop the search threads."""
@@ -115,15 +318,16 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, lines: list[str], key: DecodeKey) -> list[list[TextHypothesis]]:
-        """The n-best lists of ``lines``, once a batch holding them has been searched.
+    def enqueue(self, lines: list[str], key: DecodeKey) -> Job:
+        """Queue ``lines`` now, or refuse them now: no await, so a refusal never waits
+        behind anything.
 
         Raises:
-            ServiceError: 503 when the queue is full or the service is stopping,
-                504 when no answer came within ``timeout`` seconds.
+            ServiceError: 503 when the queue is full or the service is stopping.
         """
-        if self._closing or self._waiting + len(lines) > self._config.max_queue:
+        if self._closing or self.queue.sentences + len(lines) > self._config.max_queue:
             self.stats.rejected += 1
+            self.metrics.sentences.labels("rejected").inc(len(lines))
             reason = "the service is shutting down" if self._closing else "the queue is full"
             raise ServiceError(
                 503,
@@ -131,136 +335,100 @@ class Batcher:
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         loop = asyncio.get_running_loop()
-        job = Job(lines, key, loop.create_future(), _words(lines), loop.time())
-        self._jobs.append(job)
-        self._waiting += len(lines)
+        job = Job(lines, key, loop.create_future(), time.perf_counter())
+        self.queue.put(job)
         self.stats.requests += 1
         self._wake.set()
+        return job
+
+    async def answer(self, job: Job) -> list[list[TextHypothesis]]:
+        """The n-best lists of ``job``'s lines, once its last line is searched.
+
+        Raises:
+            ServiceError: 504 when no answer came within ``timeout`` seconds.
+        """
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), self._config.timeout)
         except asyncio.TimeoutError:
-            self._abandon(job)
+            # Still queued: it leaves the queue; being searched: it finishes unread.
+            self.queue.take(job)
+            job.future.cancel()
             self.stats.timed_out += 1
+            self.metrics.sentences.labels("timed_out").inc(len(job.lines))
             raise ServiceError(
                 504, f"no translation within timeout={self._config.timeout:g} seconds"
             ) from None
 
-    def _abandon(self, job: Job) -> None:
-        """Drop a timed-out job that is still queued; a running one just finishes unread."""
-        if job in self._jobs:
-            self._jobs.remove(job)
-            self._waiting -= len(job.lines)
-        job.future.cancel()
+    async def submit(self, lines: list[str], key: DecodeKey) -> list[list[TextHypothesis]]:
+        """`enqueue` then `answer`."""
+        return await self.answer(self.enqueue(lines, key))
 
     async def _run(self) -> None:
-        """Whenever a search worker is free, collect a batch and start searching it.
-
-        Why wait for a free worker before collecting: requests that arrive while all
-        workers are busy join the next batch instead of starting small ones.
-        """
-        while self._jobs or not self._closing:
-            if not self._jobs or len(self._running) >= self._workers:
-                self._wake.clear()
-                await self._wake.wait()
+        """Start a live batch whenever a search thread is free and a request waits
+        that no running search can take; until closed and the queue is empty."""
+        while True:
+            self._wake.clear()
+            key = self._key_to_start()
+            if key is not None:
+                self._start(key)
                 continue
-            await self._collect()
-            if self._jobs:
-                batch = self._take()
-                task = asyncio.get_running_loop().create_task(self._search(batch))
-                self._running.add(task)
-                answered = sum(len(job.lines) for job in batch)
-                task.add_done_callback(partial(self._finished, answered=answered))
-        while self._running:
-            await asyncio.wait(set(self._running))
+            if self._closing and not len(self.queue) and not self._searches:
+                return
+            await self._wake.wait()
 
-    def _finished(self, task: asyncio.Task[None], answered: int) -> None:
-        self._running.discard(task)
-        self._last_finish = asyncio.get_running_loop().time()
-        self._expected = self._waiting + answered
+    def _key_to_start(self) -> DecodeKey | None:
+        """The settings of the oldest waiting request that every running search with
+        its settings is too full to take (none running counts as full)."""
+        if len(self._searches) >= self._workers:
+            return None
+        for key in self.queue.waiting_keys():
+            mates = [s for s in self._searches.values() if s.key == key]
+            if all(s.full for s in mates):
+                return key
+        return None
+
+    def _start(self, key: DecodeKey) -> None:
+        loop = asyncio.get_running_loop()
+        search = LiveLoop(
+            self._translator,
+            key,
+            self._config,
+            self.queue,
+            (self.stats, self.metrics),
+            self._post,
+        )
+        search.spare_workers = self._workers - len(self._searches) - 1
+        self.queue.serving(key, +1)
+        future = loop.run_in_executor(self._executor, search.run)
+        self._searches[future] = search
+        future.add_done_callback(self._ended)
+
+    def _ended(self, future: asyncio.Future[None]) -> None:
+        search = self._searches.pop(future)
+        self.queue.serving(search.key, -1)
+        if future.exception() is not None:  # run() catches search errors; this is a bug
+            logger.error("a search thread failed", exc_info=future.exception())
         self._wake.set()
 
-    async def _collect(self) -> None:
-        """Wait until the oldest job's batch is full, or the clients the last search
-        answered have sent their next requests, or ``max_wait_ms`` after it ended.
+    def _post(self, job: Job | None, error: BaseException | None) -> None:
+        """From a search thread: `_settle` on the event loop."""
+        assert self._loop is not None, "searches run only after start()"
+        self._loop.call_soon_threadsafe(self._settle, job, error)
 
-        Why: a batch started at once would leave those clients to the following one,
-        and batches would shrink to a fraction of the clients. A request reaching an
-        idle service (the last search ended long ago) starts at once.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = self._last_finish + self._config.max_wait_ms / 1000
-        while self._jobs and not self._closing and not self._full():
-            if self._waiting >= self._expected:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
-
-    def _full(self) -> bool:
-        key = self._jobs[0].key
-        mates = [job for job in self._jobs if job.key == key]
-        return (
-            sum(len(job.lines) for job in mates) >= self._config.max_batch_sentences
-            or sum(job.words for job in mates) >= self._config.max_batch_tokens
-        )
-
-    def _take(self) -> list[Job]:
-        """The oldest job and, in arrival order, every job with its settings that fits."""
-        first = self._jobs.popleft()
-        batch, sentences, words = [first], len(first.lines), first.words
-        for job in list(self._jobs):
-            fits = (
-                sentences + len(job.lines) <= self._config.max_batch_sentences
-                and words + job.words <= self._config.max_batch_tokens
-            )
-            if job.key == first.key and fits:
-                self._jobs.remove(job)
-                batch.append(job)
-                sentences, words = sentences + len(job.lines), words + job.words
-        self._waiting -= sentences
-        return batch
-
-    async def _search(self, batch: list[Job]) -> None:
-        """Search the batch's lines in one call on the worker thread; answer each job."""
-        lines = [line for job in batch for line in job.lines]
-        key = batch[0].key
-        # workers=1: the service runs its batches side by side, one per search thread
-        translator = self._translator.with_decode(
-            beam_size=key.beam_size, nbest=key.nbest, workers=1
-        )
-        run = partial(_timed, translator.hypotheses, lines, attention=key.attention)
-        try:
-            found, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        except Exception as e:  # a bug in search must fail its requests, not the worker
-            logger.exception("search failed on a batch of %d lines", len(lines))
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(e)
+    def _settle(self, job: Job | None, error: BaseException | None) -> None:
+        """On the event loop: hand a job its answer (unless it gave up waiting); with
+        no job, look again for a search to start."""
+        if job is None:
+            self._wake.set()
             return
-        self.stats.batches += 1
-        self.stats.search_seconds += seconds
-        self.stats.sentences += len(lines)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(lines))
-        start = 0
-        for job in batch:
-            if not job.future.done():
-                job.future.set_result(found[start : start + len(job.lines)])
-            start += len(job.lines)
-
-
-def _timed(
-    search: Callable[..., list[list[TextHypothesis]]], lines: list[str], *, attention: bool
-) -> tuple[list[list[TextHypothesis]], float]:
-    start = time.perf_counter()
-    found = search(lines, attention=attention)
-    return found, time.perf_counter() - start
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(job.found)
 
 
 def search_workers(config: ServeApp) -> int:
-    """Batches searched at once: ``config.workers``, or one per CPU core."""
+    """Live batches searched at once: ``config.workers``, or one per CPU core."""
     return config.workers or cores()
