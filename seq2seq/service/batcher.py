@@ -168,6 +168,7 @@ class LiveLoop:
                     break
                 try:
                     live.add(sources, tags)
+                    self.size = live.size
                     start = time.perf_counter()
                     finished = live.step()
                     seconds = time.perf_counter() - start
@@ -175,7 +176,7 @@ class LiveLoop:
                 except Exception as e:  # a bug in search fails the requests it holds
                     logger.exception("search failed with %d requests inside", len(inside))
                     for job in inside:
-                        self._answer(job, e)
+                        self._answer(job, ServiceError(500, f"search failed: {type(e).__name__}"))
                     inside.clear()
                     live = translator.live(attention=self.key.attention)
                     self.size = 0
@@ -201,7 +202,8 @@ class LiveLoop:
                     job.ids = self._translator.source_ids(job.lines)
                 except Exception as e:  # a line the tokenizer refuses fails its request
                     if self._queue.take(job):
-                        self._answer(job, e)
+                        refused = ServiceError(422, f"q cannot be tokenized: {e}")
+                        self._answer(job, refused)
                     continue
             lines = sum(1 for ids in job.ids if ids)
             length = sum(len(ids) for ids in job.ids)
