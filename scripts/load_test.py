@@ -17,9 +17,13 @@ Three modes::
 
 Every client request gets an answer or is counted as unanswered (connection error or
 client timeout); the report gives requests/s, sentences/s, p50/p95/p99 latency and
-the counts of 200/503/504/other answers. Only servers on this machine are accepted
-(127.0.0.1, ::1 or localhost). Results print as JSON lines (``--json`` appends them
-to a file too).
+the counts of 200/503/504/other answers, and beside the wall throughput the server
+process's CPU-seconds per translated sentence (its user + system time read with
+psutil before and after the phase; the process is the one listening on the URL's
+port, or ``--server-pid``), which stays readable when the load generator shares
+the machine. The baseline reports its own CPU-seconds per sentence likewise. Only
+servers on this machine are accepted (127.0.0.1, ::1 or localhost). Results print
+as JSON lines (``--json`` appends them to a file too).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import psutil
 
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -185,6 +190,29 @@ def emit(record: dict[str, object], args: argparse.Namespace) -> None:
             f.write(line + "\n")
 
 
+def server_process(url: str, pid: int) -> psutil.Process:
+    """The server: ``pid`` if given, else the process listening on the URL's port."""
+    if pid:
+        return psutil.Process(pid)
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    for conn in psutil.net_connections(kind="tcp"):
+        listening = conn.status == psutil.CONN_LISTEN and conn.laddr
+        if listening and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    sys.exit(f"error: no process of this user listens on port {port}; pass --server-pid")
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system time of the process, all its threads."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def cpu_per_sentence(seconds: float, sentences: int) -> float | None:
+    return round(seconds / sentences, 6) if sentences else None
+
+
 def cpu_efficiency(before: dict[str, Any], after: dict[str, Any]) -> float | None:
     """Sentences the server searched per second of its CPU time during the phase: a
     figure that, unlike sentences/s, other jobs on a shared machine barely change."""
@@ -198,11 +226,16 @@ async def load(args: argparse.Namespace) -> None:
     sentences = read_sentences(args.sentences, args.limit)
     if args.warmup > 0:
         await run_phase(url, sentences, _phase(args, args.clients, args.warmup))
+    server = server_process(url, args.server_pid)
     before = await server_stats(url, _headers(args))
+    cpu = cpu_seconds(server)
     outcome = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
+    cpu = cpu_seconds(server) - cpu
     record = outcome.report("load")
     record["server"] = after = await server_stats(url, _headers(args))
     record["server_sentences_per_cpu_s"] = cpu_efficiency(before, after)
+    record["server_cpu_s"] = round(cpu, 3)
+    record["server_cpu_s_per_sentence"] = cpu_per_sentence(cpu, outcome.sentences)
     emit({**record, "label": args.label}, args)
 
 
@@ -210,10 +243,19 @@ async def overload(args: argparse.Namespace) -> None:
     """A burst of ``--burst-clients`` (503s expected), then ``--clients`` for recovery."""
     url = check_local(args.url)
     sentences = read_sentences(args.sentences, args.limit)
+    server = server_process(url, args.server_pid)
+    cpu = cpu_seconds(server)
     burst = await run_phase(url, sentences, _phase(args, args.burst_clients, args.burst_duration))
-    emit({**burst.report("burst"), "label": args.label}, args)
+    spent = cpu_seconds(server) - cpu
+    cpu += spent
+    record = burst.report("burst")
+    record["server_cpu_s_per_sentence"] = cpu_per_sentence(spent, burst.sentences)
+    emit({**record, "label": args.label}, args)
     after = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
     record = after.report("recovery")
+    record["server_cpu_s_per_sentence"] = cpu_per_sentence(
+        cpu_seconds(server) - cpu, after.sentences
+    )
     record["server"] = await server_stats(url, _headers(args))
     emit({**record, "label": args.label}, args)
 
@@ -256,6 +298,7 @@ def baseline(args: argparse.Namespace) -> None:
             "sentences_per_s": [round(r, 2) for r in rates],
             "sentences_per_s_median": round(statistics.median(rates), 2) if rates else None,
             "sentences_per_cpu_s": [round(r, 2) for r in per_cpu],
+            "cpu_s_per_sentence": round(1 / statistics.median(per_cpu), 6) if per_cpu else None,
             "single_p50_ms": _percentile(singles, 50),
             "single_p95_ms": _percentile(singles, 95),
         },
@@ -284,6 +327,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             continue
         p.add_argument("--url", default="http://127.0.0.1:8000")
         p.add_argument("--api-key", default=None)
+        p.add_argument("--server-pid", type=int, default=0, help="default: the port's listener")
         p.add_argument("--clients", type=int, default=32)
         p.add_argument("--duration", type=float, default=30.0, help="seconds")
         p.add_argument("--max-requests", type=int, default=100_000)
