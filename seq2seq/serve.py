@@ -49,10 +49,14 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    # Listening before the server starts: a client told the address at once is
+    # queued until the app is up, not refused.
+    sock.listen(BACKLOG)
     return sock
 
 
 SERVER_PACKAGES = ("fastapi", "fastapi_offline", "uvicorn")
+BACKLOG = 2048
 SPARE_DESCRIPTORS = 64  # the bundle, logs, the listening socket, threads' pipes
 
 
