@@ -69,15 +69,18 @@ class Guard:
         if not self.key or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return None
         headers = dict(scope["headers"])
+        # A body left unread would otherwise be read and thrown away for as long
+        # as the client sends it: the connection closes after the answer instead.
+        close = {"Connection": "close"} if _has_body(headers) else {}
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return error_response(
                 401,
                 "this service needs an API key: send 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": "Bearer"},
+                {"WWW-Authenticate": "Bearer", **close},
             )
         if not hmac.compare_digest(token.strip().encode("latin-1"), self.key.encode()):
-            return error_response(403, "the API key is not valid")
+            return error_response(403, "the API key is not valid", close)
         return None
 
     async def _read_body(self, receive: Receive) -> bytes | ASGIApp | None:
@@ -110,6 +113,10 @@ class Guard:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
 
 
 def text_problem(lines: Sequence[str]) -> str | None:

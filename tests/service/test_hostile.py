@@ -288,6 +288,12 @@ def test_bad_server_settings_are_one_error_line(run_app, arg, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_connection_cap_above_the_open_file_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(serve.resource, "getrlimit", lambda _: (256, 256))
+    with pytest.raises(ValueError, match="max_connections=512 needs"):
+        serve.reserve_descriptors(512)
+
+
 def test_identical_log_lines_are_rate_limited():
     now = [0.0]
     limit = RateLimit(10.0, clock=lambda: now[0])
@@ -368,6 +374,20 @@ def test_the_server_answers_while_the_client_still_has_chunks_to_send(server, ke
         sock.sendall(_chunked_head(key) + _chunks(LIMIT // len(CHUNK) + 2))
         code, body = read_response(sock)
     assert code == status and b'"error"' in body
+
+
+@pytest.mark.slow
+def test_a_refused_body_is_not_read_on(server):
+    """After a refusal the connection closes: the rest of the body is never read
+    (64 MiB more would all be taken, and thrown away, by a server that reads on)."""
+    with connect(server) as sock:
+        sock.sendall(_chunked_head(None) + _chunks(1))
+        code, _ = read_response(sock)
+        assert code == 401
+        more = _chunks(1024)
+        with pytest.raises(OSError):  # the server has closed: reset, broken pipe
+            for _ in range(64):
+                sock.sendall(more)
 
 
 @pytest.mark.slow
