@@ -395,7 +395,19 @@ class ServeApp:
     workers: int = 1
     device: str = "auto"
     threads: int = 1
-    log_level: str = "info"
+    log_level: str = "info"  # one of LOG_LEVELS
+    # Slow or stalled clients: a request's head must arrive within header_timeout
+    # seconds of the connection being ready for it, its body within body_timeout;
+    # an idle kept-alive connection closes after keep_alive_timeout. At most
+    # max_connections are open at once (more are refused at accept), so stalled
+    # clients cannot use up the process's file descriptors.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 512
+    max_header_bytes: int = 16384
+    # On SIGTERM, connections still open after drain_timeout seconds are cut.
+    drain_timeout: float = 30.0
 
 
 # ------------------------------------------------------------------------ validation
@@ -531,6 +543,12 @@ RANGES: dict[type, dict[str, Range]] = {
         "max_beam_size": Range(1, 1024),
         "workers": Range(0, 4096, hint="use 0 for one per CPU core"),
         "threads": THREADS,
+        "header_timeout": POSITIVE,
+        "body_timeout": POSITIVE,
+        "keep_alive_timeout": POSITIVE,
+        "max_connections": Range(1, 1 << 20),
+        "max_header_bytes": Range(1024, 1 << 24),
+        "drain_timeout": AT_LEAST_0,
     },
 }
 # Integers beyond this reach torch or numpy as overflow errors, never as settings.
@@ -593,7 +611,14 @@ def _check_optim(optim: OptimConfig, prefix: str) -> None:
         )
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def _check_serve(config: ServeApp, prefix: str) -> None:
+    if config.log_level not in LOG_LEVELS:
+        raise ValueError(
+            f"{_key(prefix, 'log_level')}={config.log_level!r}; use one of {', '.join(LOG_LEVELS)}"
+        )
     if config.max_beam_size < config.decode.beam_size:
         raise ValueError(
             f"max_beam_size={config.max_beam_size} is below "

@@ -10,15 +10,20 @@ The API is described in `seq2seq.service.app` and served as OpenAPI at ``/docs``
 ``port=0`` picks a free port. Once the model is loaded and the port is bound, one
 line ``seq2seq-serve: listening on http://HOST:PORT/`` goes to stderr. SIGTERM or
 Ctrl-C stops accepting connections, answers every request already received, then
-exits. A bundle that cannot be loaded or a port that cannot be bound ends the app
-with one ``error: ...`` line and exit code 2.
+exits; connections still open ``drain_timeout`` seconds later are cut. Slow
+clients are cut too: a request head must arrive within ``header_timeout`` seconds,
+its body within ``body_timeout``; at most ``max_connections`` are open at once.
+A bundle that cannot be loaded or a port that cannot be bound ends the app with
+one ``error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import resource
 import socket
 import sys
+from typing import Any
 
 import hydra
 import torch
@@ -44,16 +49,62 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    # Listening before the server starts: a client told the address at once is
+    # queued until the app is up, not refused.
+    sock.listen(BACKLOG)
     return sock
 
 
+SERVER_PACKAGES = ("fastapi", "fastapi_offline", "uvicorn")
+BACKLOG = 2048
+SPARE_DESCRIPTORS = 64  # the bundle, logs, the listening socket, threads' pipes
+
+
 def require_server_packages() -> None:
-    """FastAPI and uvicorn are an optional extra: say how to get them."""
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    """The server's packages are an optional extra: say how to get them."""
+    missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(
             f"seq2seq-serve needs {' and '.join(missing)}: pip install 'seq2seq[serve]'"
         )
+
+
+def reserve_descriptors(connections: int) -> None:
+    """Raise the soft limit on open files to fit ``connections`` clients, or fail
+    naming the setting: the cap only protects the process if it is below the limit."""
+    needed = connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ValueError(
+                f"max_connections={connections} needs {needed} open files but this "
+                f"process may open {hard} (ulimit -n); lower max_connections"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def server_config(app: Any, config: ServeApp) -> Any:
+    """uvicorn's settings: timeouts and caps against slow or numerous clients
+    (see `seq2seq.service.server`), and a bounded drain on SIGTERM."""
+    import uvicorn
+
+    from seq2seq.service.server import guarded_protocol, limit_log_floods
+
+    protocol = guarded_protocol(
+        header_timeout=config.header_timeout, max_connections=config.max_connections
+    )
+    settings = uvicorn.Config(
+        app,
+        http=protocol,
+        ws="none",
+        log_level=config.log_level,
+        access_log=False,
+        timeout_keep_alive=config.keep_alive_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=config.max_header_bytes,
+    )
+    limit_log_floods()
+    return settings
 
 
 def run(config: ServeApp) -> None:
@@ -64,6 +115,7 @@ def run(config: ServeApp) -> None:
     from seq2seq.service.app import check_config, create_app, describe_bundle
 
     check_config(config)
+    reserve_descriptors(config.max_connections)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
@@ -72,7 +124,7 @@ def run(config: ServeApp) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"seq2seq-serve: listening on http://{shown}:{port}/", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False))
+    server = uvicorn.Server(server_config(app, config))
     server.run(sockets=[sock])
 
 

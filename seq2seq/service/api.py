@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import TextHypothesis
+from seq2seq.service.guards import text_problem
 
 __all__ = [
     "Attention",
@@ -120,6 +121,9 @@ def _translation(hyps: list[TextHypothesis], *, nbest: int, attention: bool) -> 
 def _check_request(body: TranslateRequest, config: ServeApp, info: BundleInfo) -> list[str]:
     """The request's lines, after the limits; raises ServiceError naming the limit."""
     lines = [body.q] if isinstance(body.q, str) else body.q
+    problem = text_problem(lines)
+    if problem is not None:
+        raise ServiceError(422, problem)
     if len(lines) > config.max_lines:
         raise ServiceError(
             413, f"q has {len(lines)} lines; the limit is max_lines={config.max_lines}"

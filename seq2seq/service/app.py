@@ -2,7 +2,8 @@
 
 The scheduler lives in `seq2seq.service.batcher`, the request and response bodies
 and the checks a request passes in `seq2seq.service.api`; this module holds the web
-plumbing: routes, the body limit, the API key, error answers and the page. The API
+plumbing: routes and the installation of the guards (`service.guards`), the
+error answers (`service.errors`) and the page (`service.page`). The API
 (request and response bodies are JSON) is served as OpenAPI at ``/docs``. Hydra
 stays in the app (`seq2seq.serve`).
 """
@@ -10,21 +11,19 @@ stays in the app (`seq2seq.serve`).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import Translator
@@ -39,7 +38,10 @@ from seq2seq.service.api import (
     _translation,
 )
 from seq2seq.service.batcher import Batcher, Stats, search_workers
+from seq2seq.service.errors import install_error_handlers
+from seq2seq.service.guards import Guard
 from seq2seq.service.metrics import CONTENT_TYPE, RequestCounter, ServiceMetrics
+from seq2seq.service.page import install_page, render_page
 
 __all__ = [
     "API_KEY_ENV",
@@ -53,7 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "SEQ2SEQ_API_KEY"
-PAGE = "static/index.html"
 
 
 def describe_bundle(path: str | Path, translator: Translator) -> BundleInfo:
@@ -72,52 +73,6 @@ def describe_bundle(path: str | Path, translator: Translator) -> BundleInfo:
         target_language=config.data.tgt_lang,
         parameters=sum(p.numel() for p in translator.model.parameters()),
     )
-
-
-class BodyLimit:
-    """Refuse a request body over ``limit`` bytes before reading it (413), and one
-    without a declared length (411), whose size could not be checked up front."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            length = dict(scope["headers"]).get(b"content-length")
-            refusal = None
-            if length is None or not length.isdigit():
-                refusal = (411, "the request needs a Content-Length header")
-            elif int(length) > self.limit:
-                refusal = (
-                    413,
-                    f"the request body has {int(length)} bytes; "
-                    f"the limit is max_body_bytes={self.limit}",
-                )
-            if refusal is not None:
-                response = JSONResponse({"error": refusal[1]}, status_code=refusal[0])
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _key_checker(key: str | None) -> Any:
-    """A dependency requiring ``Authorization: Bearer <key>`` when a key is set."""
-
-    def check(request: Request) -> None:
-        if not key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ServiceError(
-                401,
-                "this service needs an API key: send 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ServiceError(403, "the API key is not valid")
-
-    return check
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -165,20 +120,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": _validation_message(e), "detail": detail}, status_code=422)
 
 
-def _page(info: BundleInfo, config: ServeApp, needs_key: bool) -> str:
-    template = files("seq2seq.service").joinpath(PAGE).read_text(encoding="utf-8")
-    values = {
-        "{{SOURCE}}": info.source_language,
-        "{{TARGET}}": info.target_language,
-        "{{BEAM_SIZE}}": str(config.decode.beam_size),
-        "{{MAX_BEAM_SIZE}}": str(config.max_beam_size),
-        "{{NEEDS_KEY}}": "true" if needs_key else "false",
-    }
-    for name, value in values.items():
-        template = template.replace(name, value)
-    return template
-
-
 def check_config(config: ServeApp) -> None:
     """Fail at start, naming the key, when a limit or batching setting cannot work."""
     for name in ("max_batch_sentences", "max_batch_tokens", "max_queue", "max_lines"):
@@ -199,7 +140,8 @@ def check_config(config: ServeApp) -> None:
 
 
 def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> FastAPI:
-    """The FastAPI app: routes, limits, API key and the batcher's life cycle.
+    """The FastAPI app: routes, guards (key, body limits), the page, error answers,
+    metrics and the batcher's life cycle.
 
     The key is ``config.api_key``, else the ``SEQ2SEQ_API_KEY`` environment variable.
     """
@@ -215,14 +157,32 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         yield
         await batcher.close()
 
-    app = FastAPI(title="seq2seq translation service", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    # Swagger UI and ReDoc from files shipped in the package, not from a CDN.
+    app: FastAPI = FastAPIOffline(
+        title="seq2seq translation service",
+        lifespan=lifespan,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    app.add_middleware(
+        Guard, key=key, limit=config.max_body_bytes, body_timeout=config.body_timeout
+    )
     app.add_middleware(RequestCounter, metrics=metrics)  # outermost: sees every answer
+    install_error_handlers(app)
     _install_error_handlers(app)
-    authorized = [Depends(_key_checker(key))]
+    install_page(
+        app,
+        render_page(
+            source=info.source_language,
+            target=info.target_language,
+            beam_size=config.decode.beam_size,
+            max_beam_size=config.max_beam_size,
+            needs_key=bool(key),
+        ),
+    )
     started = time.time()
 
-    @app.post("/translate", response_model=TranslateResponse, dependencies=authorized)
+    @app.post("/translate", response_model=TranslateResponse)
     async def translate(body: TranslateRequest) -> Any:
         """Translate ``q``; one translation per line, in order."""
         lines = _check_request(body, config, info)
@@ -251,20 +211,16 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/info", dependencies=authorized)
+    @app.get("/info")
     async def describe() -> dict[str, Any]:
         """The model, decoding defaults, limits, batching settings and counters."""
         batcher = state.get("batcher")
         return _info(info, config, batcher, uptime=time.time() - started)
 
-    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         """Counters, gauges and latency histograms in Prometheus' text format."""
         return Response(metrics.text(), media_type=CONTENT_TYPE)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> str:
-        return _page(info, config, needs_key=bool(key))
 
     return app
 
