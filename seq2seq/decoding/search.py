@@ -216,16 +216,17 @@ def _force_eos(
     best: Tensor, tokens: Tensor, must_end: Tensor, eos_log_probs: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
     """Rows in ``must_end`` (at their length budget) become EOS, with its own log-prob,
-    then ``-inf``; in place.
+    then ``-inf``.
 
-    Only those rows are rewritten: building a full (N, V) mask every step would cost
-    far more, for rows that are almost never at their budget.
+    Written as selections over the (N, width) candidates rather than by picking the
+    rows out: finding those rows (``nonzero``) would make the host wait for the
+    device at every step.
     """
-    ends = must_end.nonzero()[:, 0]
-    if ends.numel():
-        best[ends] = NEG_INF
-        best[ends, 0] = eos_log_probs[ends]
-        tokens[ends, 0] = eos_id
+    first = torch.arange(best.size(1), device=best.device) == 0
+    ended = must_end[:, None]
+    forced = torch.where(first, eos_log_probs[:, None].to(best.dtype), NEG_INF)
+    best = torch.where(ended, forced, best)
+    tokens = torch.where(ended & first, eos_id, tokens)
     return best, tokens
 
 
@@ -301,7 +302,9 @@ def greedy(
         prev = torch.full((batch,), bos_id, dtype=torch.long, device=device)
         tokens = torch.full((batch, longest), eos_id, dtype=torch.long, device=device)
         total = torch.zeros(batch, device=device)
-        attention = torch.zeros(batch, longest, src.size(1)) if return_attention else None
+        attention = None
+        if return_attention:  # on the device: one copy at the end, not one per step
+            attention = torch.zeros(batch, longest, src.size(1), device=device)
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # per row of `rows`
         for step in range(longest):
             must_end = step >= budget[rows]
@@ -313,7 +316,7 @@ def greedy(
             total[rows] = total[rows] + best.masked_fill(~alive, 0.0)
             tokens[rows, step] = prev
             if attention is not None:
-                attention[rows.cpu(), step] = attn.float().cpu()
+                attention[rows, step] = attn.float()
             alive = prev != eos_id
             live = alive.nonzero().squeeze(1)
             if live.numel() == 0:
@@ -336,6 +339,7 @@ def _greedy_hypotheses(
         src_lengths: (B,) long.
     """
     tokens, log_probs = tokens.cpu(), log_probs.cpu()
+    attention = None if attention is None else attention.cpu()
     lengths = (tokens == eos_id).long().argmax(dim=1).tolist()
     hyps = []
     for i, length in enumerate(lengths):
