@@ -341,11 +341,12 @@ def _greedy_hypotheses(
     tokens, log_probs = tokens.cpu(), log_probs.cpu()
     attention = None if attention is None else attention.cpu()
     lengths = (tokens == eos_id).long().argmax(dim=1).tolist()
+    src_lens = src_lengths.tolist()  # one copy from the device, not one per sentence
     hyps = []
     for i, length in enumerate(lengths):
         attn = None
         if attention is not None:
-            attn = attention[i, : length + 1, : int(src_lengths[i])].float().cpu()
+            attn = attention[i, : length + 1, : src_lens[i]].float()
         score = float(log_probs[i])
         hyps.append([Hypothesis(tokens[i, :length].tolist(), score, score, attn)])
     return hyps
