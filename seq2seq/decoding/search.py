@@ -218,16 +218,29 @@ def _force_eos(
     """Rows in ``must_end`` (at their length budget) become EOS, with its own log-prob,
     then ``-inf``.
 
-    Written as selections over the (N, width) candidates rather than by picking the
-    rows out: finding those rows (``nonzero``) would make the host wait for the
-    device at every step.
+    Two ways to the same result. On the CPU only those rows are rewritten, in place:
+    rows at their budget are rare, so finding them (``nonzero``) and touching them alone
+    costs least. On a GPU, finding them would make the host wait for the device at
+    every step, so every row goes through a selection over its (width,) candidates.
     """
+    if best.device.type != "cpu":
+        return _force_eos_selecting(best, tokens, must_end, eos_log_probs, eos_id)
+    ends = must_end.nonzero()[:, 0]
+    if ends.numel():
+        best[ends] = NEG_INF
+        best[ends, 0] = eos_log_probs[ends]
+        tokens[ends, 0] = eos_id
+    return best, tokens
+
+
+def _force_eos_selecting(
+    best: Tensor, tokens: Tensor, must_end: Tensor, eos_log_probs: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """`_force_eos` without a host sync: new tensors, every row selected."""
     first = torch.arange(best.size(1), device=best.device) == 0
     ended = must_end[:, None]
     forced = torch.where(first, eos_log_probs[:, None].to(best.dtype), NEG_INF)
-    best = torch.where(ended, forced, best)
-    tokens = torch.where(ended & first, eos_id, tokens)
-    return best, tokens
+    return torch.where(ended, forced, best), torch.where(ended & first, eos_id, tokens)
 
 
 def _tail_rows(

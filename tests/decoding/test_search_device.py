@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from seq2seq.decoding import inference
+from seq2seq.decoding import inference, search
 from seq2seq.decoding.search import beam_search, greedy
 from tests.helpers import lively_model
 
@@ -46,3 +46,20 @@ def test_search_on_the_device_gives_the_cpus_hypotheses(
         assert hyp.attention.shape == (len(hyp.tokens) + 1, int(src_len))
         torch.testing.assert_close(hyp.attention, ref.attention, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(len(hyp.tokens) + 1))
+
+
+@pytest.mark.parametrize("width", [1, 6])
+def test_both_ways_of_forcing_eos_agree(width: int) -> None:
+    """The GPU's sync-free rule gives what the CPU's row rewrite gives."""
+    gen = torch.Generator().manual_seed(width)
+    best = torch.randn(40, width, generator=gen).sort(dim=1, descending=True).values
+    tokens = torch.randint(4, 100, (40, width), generator=gen)
+    must_end = torch.rand(40, generator=gen) < 0.3
+    eos_log_probs = torch.randn(40, generator=gen)
+    selected = search._force_eos_selecting(best, tokens, must_end, eos_log_probs, EOS_ID)
+    rewritten = search._force_eos(best.clone(), tokens.clone(), must_end, eos_log_probs, EOS_ID)
+    assert must_end.any() and not must_end.all()
+    for a, b in zip(selected, rewritten, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(selected[1][must_end, 0], torch.full((int(must_end.sum()),), EOS_ID))
+    assert torch.equal(selected[0][~must_end], best[~must_end])
