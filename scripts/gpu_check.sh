@@ -18,13 +18,13 @@
 # 3. writes OUT_DIR/gpu_report.json, OUT_DIR/summary.md and OUT_DIR/logs.tar.gz (every
 #    step's log). It exits 0 when every step passed, 1 otherwise, and 2 (one line on
 #    stderr) where it cannot start: no CUDA, no bundle, OUT_DIR not empty.
-# Knobs: GPU_BUNDLE (bundle folder), GPU_CHECK_BUDGET (seconds for all steps, 470),
+# Knobs: GPU_BUNDLE (bundle folder), GPU_CHECK_BUDGET (seconds for all steps, 480),
 # GPU_CHECK_TRAIN_SECONDS (90), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, 4).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$root/gpu_out}"
 bundle="${GPU_BUNDLE:-$root/gpu_bundle}"
-budget="${GPU_CHECK_BUDGET:-470}"
+budget="${GPU_CHECK_BUDGET:-480}"
 train_seconds="${GPU_CHECK_TRAIN_SECONDS:-90}"
 workers="${GPU_CHECK_TEST_WORKERS:-4}"
 python="${PYTHON:-python3}"
@@ -113,8 +113,8 @@ export root bundle data scratch site workers train_seconds python
 step install 60 "" install
 step equivalence 90 "$scratch/equivalence.json" \
     "$python" "$root/scripts/gpu_equivalence.py" --device cuda --json "$scratch/equivalence.json"
-step tests 150 "" tests
-step train_fp32 $((train_seconds + 40)) "$scratch/train_fp32.json" train_bench fp32
+step tests 120 "" tests
+step train_fp32 $((train_seconds + 50)) "$scratch/train_fp32.json" train_bench fp32
 step train_bf16 $((train_seconds + 30)) "$scratch/train_bf16.json" train_bench bf16
 step torchrun 90 "" torchrun_run
 step decode 90 "$scratch/decode.json" decode_bench
@@ -139,7 +139,7 @@ PY
 [ -n "$context" ] || context='{}'
 "$python" "$root/scripts/gpu_report.py" write "$steps" "$out" --context "$context"
 tar -czf "$out/logs.tar.gz" -C "$scratch" logs
-echo "total: $((SECONDS - start_s))s; report: $out/gpu_report.json, summary: $out/summary.md"
+echo "total: $((SECONDS - start_s))s; report: $out/gpu_report.json, summary: $out/summary.md; runs and logs: $scratch"
 cat "$out/summary.md"
 "$python" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' \
     "$out/gpu_report.json"
