@@ -31,7 +31,9 @@ python="${PYTHON:-python3}"
 
 fail() { echo "error: $*" >&2; exit 2; }
 
-"$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+cuda="$("$python" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null)" \
+    || fail "$python cannot import torch (name the Python that has it in PYTHON)"
+[ "$cuda" = 1 ] \
     || fail "no CUDA device here (torch.cuda.is_available() is false); run this on a GPU machine"
 [ -d "$bundle/wheels" ] && [ -d "$bundle/multi30k" ] \
     || fail "no bundle at $bundle: run scripts/gpu_bundle.sh where pip reaches PyPI"

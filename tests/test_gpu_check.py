@@ -99,7 +99,8 @@ def test_equivalence_flags_what_is_out_of_tolerance() -> None:
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _run("bash", SCRIPTS / "gpu_check.sh", out, env={"CUDA_VISIBLE_DEVICES": ""})
+    hidden = {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    result = _run("bash", SCRIPTS / "gpu_check.sh", out, env=hidden)
     assert result.returncode == 2
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
