@@ -93,12 +93,21 @@ while read -r pin; do
             || fail "could not fetch a wheel of $pin"
     fi
 done < "$out/requirements.txt"
-for wheel in "$out"/wheels/*.whl; do
-    case "$wheel" in
-        *-none-any.whl|*cp312*manylinux*x86_64*.whl|*abi3*manylinux*x86_64*.whl) ;;
-        *) fail "$(basename "$wheel") would not install on CPython 3.12 x86-64" ;;
-    esac
-done
+# Every wheel must install there: its tags checked against CPython 3.12 on glibc x86-64.
+"$python" - "$out/wheels" <<'PY' || exit 2
+import sys
+from pathlib import Path
+
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import parse_wheel_filename
+
+platforms = [f"manylinux_2_{n}_x86_64" for n in range(28, 4, -1)]
+platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+there = {*cpython_tags((3, 12), platforms=platforms), *compatible_tags((3, 12), "cp312", platforms)}
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    if not set(parse_wheel_filename(wheel.name)[3]) & there:
+        sys.exit(f"error: {wheel.name} would not install on CPython 3.12 x86-64")
+PY
 "$python" -m pip wheel -q --no-deps -w "$out/wheels" "$root"
 
 cp "$data"/*.gz "$out/multi30k/"
