@@ -96,8 +96,8 @@ torchrun_run() {
     (cd "$scratch" && "$python" -m torch.distributed.run --standalone --nproc-per-node=1 \
         -m seq2seq.train experiment=multi30k_en_de_25min "data.dir=$data" \
         "tokenizer.cache_dir=$scratch/spm" "run_dir=$scratch/torchrun" train.max_steps=50 \
-        train.valid_every=50 train.backend=nccl) &&
-    grep -h '"kind": *"train"' "$scratch/torchrun/metrics.jsonl" | tail -1
+        train.valid_every=50 train.log_every=10 train.backend=nccl) &&
+    "$python" "$root/scripts/gpu_report.py" run "$scratch/torchrun" "$scratch/torchrun.json"
 }
 
 decode_bench() {
@@ -118,7 +118,7 @@ step equivalence 90 "$scratch/equivalence.json" \
 step tests 120 "" tests
 step train_fp32 $((train_seconds + 50)) "$scratch/train_fp32.json" train_bench fp32
 step train_bf16 $((train_seconds + 30)) "$scratch/train_bf16.json" train_bench bf16
-step torchrun 90 "" torchrun_run
+step torchrun 90 "$scratch/torchrun.json" torchrun_run
 step decode 90 "$scratch/decode.json" decode_bench
 
 context="$("$python" - "$root" <<'PY'

@@ -3,12 +3,15 @@
     python scripts/gpu_report.py record STEPS_DIR NAME --rc RC --seconds S --limit L \\
         --log LOG [--result JSON] [--command TEXT]
     python scripts/gpu_report.py write STEPS_DIR OUT_DIR [--context JSON]
+    python scripts/gpu_report.py run RUN_DIR OUT_JSON
 
 ``record`` keeps one step's outcome (exit code, time, the figures it wrote, the end of
-its log) as ``STEPS_DIR/NAME.json``; ``write`` gathers every step into
-``OUT_DIR/gpu_report.json`` and a readable ``OUT_DIR/summary.md``. Steps are kept in
-the order they ran. A step's status: ``passed`` (exit 0), ``timed out`` (124 or 137,
-what ``timeout`` returns), ``skipped`` (rc -1: no time was left), else ``failed``.
+its log) as ``STEPS_DIR/NAME.json``; ``run`` sums up a training run directory (its last
+training and validation records, the process group's backend) as figures; ``write``
+gathers every step into ``OUT_DIR/gpu_report.json`` and a readable ``OUT_DIR/summary.md``.
+Steps are kept in the order they ran. A step's status: ``passed`` (exit 0), ``timed out``
+(124 or 137, what ``timeout`` returns), ``skipped`` (rc -1: no time was left), else
+``failed``.
 """
 
 from __future__ import annotations
@@ -141,6 +144,14 @@ def _figures(steps: dict[str, Any]) -> list[str]:
                 f"{r['steps']} steps ({_figure(r.get('seconds'))} s), "
                 f"{_figure(r['fraction_of_bf16_peak'])} of the bf16 matmul peak"
             )
+    run = steps.get("torchrun", {}).get("result")
+    if run and run["train"]:
+        lines += ["", "## torchrun, one GPU", ""]
+        lines.append(
+            f"- backend {run['backend']}, step {run['train']['step']}: loss "
+            f"{run['train']['loss']:.3f}, {_figure(run['train']['tokens_per_s'])} target tokens/s;"
+            f" bundles: {', '.join(run['bundles']) or 'none'}"
+        )
     decode = steps.get("decode", {}).get("result")
     if decode:
         lines += [
@@ -184,6 +195,24 @@ def status_note(name: str, step: dict[str, Any]) -> str:
     return ""
 
 
+def run_figures(run_dir: Path) -> dict[str, Any]:
+    """A training run's last training and validation records and its backend."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = {kind: [r for r in records if r["kind"] == kind][-1:] for kind in ("train", "valid")}
+    log = (run_dir / "train.log").read_text() if (run_dir / "train.log").is_file() else ""
+    backend = re.search(r"backend (\w+)", log)
+    return {
+        "train": last["train"][0] if last["train"] else None,
+        "valid": last["valid"][0] if last["valid"] else None,
+        "backend": backend.group(1) if backend else None,
+        "bundles": sorted(
+            p.name
+            for p in run_dir.iterdir()
+            if not p.name.startswith(".") and (p / "config.yaml").is_file()
+        ),
+    }
+
+
 def write(args: argparse.Namespace) -> None:
     context = json.loads(args.context) if args.context else {}
     report = gather(Path(args.steps), context)
@@ -209,11 +238,20 @@ def main() -> None:
     wr.add_argument("steps")
     wr.add_argument("out")
     wr.add_argument("--context", default=None, help="JSON object of facts about the run")
+    figures = sub.add_parser("run")
+    figures.add_argument("run_dir", type=Path)
+    figures.add_argument("out", type=Path)
     args = parser.parse_args()
     try:
-        record(args) if args.verb == "record" else write(args)
-    except (OSError, json.JSONDecodeError) as e:
-        sys.exit(f"error: {e}")
+        if args.verb == "record":
+            record(args)
+        elif args.verb == "write":
+            write(args)
+        else:
+            args.out.write_text(json.dumps(run_figures(args.run_dir), indent=2) + "\n")
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,41 @@ def test_report_gathers_every_step_in_order_with_its_status_and_figures(tmp_path
 )
 def test_status_of_an_exit_code(rc: int, status: str) -> None:
     assert _script("gpu_report").status(rc) == status
+
+
+def test_a_run_directory_gives_its_last_records_backend_and_bundles(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for name in ("best", "last", ".hydra"):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.yaml").write_text("x: 1\n")
+    records = [
+        {"kind": "train", "step": 10, "loss": 7.5, "tokens_per_s": 1000.0},
+        {"kind": "train", "step": 50, "loss": 5.25, "tokens_per_s": 2000.0},
+        {"kind": "valid", "step": 50, "loss": 5.0, "bleu": 0.5},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "train.log").write_text("rank 0 of 1 (local 0 of 1), backend nccl, 16 threads\n")
+    out = tmp_path / "run.json"
+    done = _run(sys.executable, SCRIPTS / "gpu_report.py", "run", run, out)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert figures == {
+        "train": records[1],
+        "valid": records[2],
+        "backend": "nccl",
+        "bundles": ["best", "last"],
+    }
+    steps = tmp_path / "steps"
+    _record(steps, "torchrun", 0, "done\n", figures)
+    done = _run(sys.executable, SCRIPTS / "gpu_report.py", "write", steps, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "backend nccl, step 50: loss 5.250, 2,000 target tokens/s" in summary
+    assert "bundles: best, last" in summary
+
+
+def test_a_run_directory_without_metrics_is_one_error_line(tmp_path: Path) -> None:
+    done = _run(sys.executable, SCRIPTS / "gpu_report.py", "run", tmp_path, tmp_path / "x.json")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
