@@ -752,6 +752,8 @@ def _beam_hypotheses(
     scores = finished.scores.cpu().tolist()
     log_probs = finished.log_probs.cpu().tolist()
     tokens = finished.tokens.cpu()
+    # One copy from the device for the whole batch, not one per hypothesis.
+    attention = None if finished.attention is None else finished.attention[:, :nbest].float().cpu()
     results = []
     for i, src_len in enumerate(src_lengths.cpu().tolist()):
         hyps = []
@@ -760,8 +762,8 @@ def _beam_hypotheses(
                 break
             length = lengths[i][j]
             attn = None
-            if finished.attention is not None:
-                attn = finished.attention[i, j, : length + 1, :src_len].float().cpu()
+            if attention is not None:
+                attn = attention[i, j, : length + 1, :src_len]
             hyps.append(
                 Hypothesis(tokens[i, j, :length].tolist(), scores[i][j], log_probs[i][j], attn)
             )
