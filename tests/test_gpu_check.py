@@ -37,7 +37,8 @@ def _run(*command: str | Path, env: dict[str, str] | None = None) -> subprocess.
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        # One thread, as in this process: a child spinning on two would fight the suite.
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
