@@ -37,6 +37,7 @@ cuda="$("$python" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/de
     || fail "no CUDA device here (torch.cuda.is_available() is false); run this on a GPU machine"
 [ -d "$bundle/wheels" ] && [ -d "$bundle/multi30k" ] \
     || fail "no bundle at $bundle: run scripts/gpu_bundle.sh where pip reaches PyPI"
+bundle="$(cd "$bundle" && pwd)"  # the steps that change directory read it too
 [ -n "$(ls -A "$out" 2>/dev/null)" ] && fail "$out is not empty; name a new or empty folder"
 mkdir -p "$out" || fail "cannot create $out"
 
@@ -82,7 +83,7 @@ tests() {
         parallel=(-n "$workers" --dist loadfile)
     fi
     (cd "$root" && SEQ2SEQ_TEST_DEVICE=cuda SEQ2SEQ_MULTI30K="$data" \
-        "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests)
+        "$python" -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} tests)
 }
 
 train_bench() {  # PRECISION
