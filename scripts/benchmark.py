@@ -7,12 +7,16 @@ Each part runs in its own process, so peak RSS is that part's own:
 
 * ``train``: builds the trainer exactly as ``seq2seq-train experiment=...`` does
   (same data, pieces, sizes, batches, precision) and times real training steps
-  after a warm-up. Reports non-pad target tokens/s, and the achieved FLOP/s
-  (FLOPs of one step counted with ``torch.utils.flop_counter``) as a fraction
-  of this machine's fp32 and bf16 matmul peaks, measured in the same run.
-* ``decode``: translates a test file, greedy and beam 5 at batch 64, in a child
-  ``seq2seq-translate`` process (whole-process time and peak RSS) and in this
-  process (translation time alone), and reports sentences/s and target tokens/s,
+  after a warm-up: ``--train-steps`` of them, or fewer once ``--train-seconds``
+  have passed (the epoch's batches come round again if it runs out). Reports
+  non-pad target tokens/s, and the achieved FLOP/s (FLOPs of one step counted
+  with ``torch.utils.flop_counter``) as a fraction of this machine's fp32 and
+  bf16 matmul peaks (on the training device), measured in the same run.
+* ``decode``: translates a test file, greedy and beam 5 at each ``--batch-sizes``
+  (64) on ``--device`` (cpu), in a child ``seq2seq-translate`` process
+  (whole-process time and peak RSS) and in this process (translation time alone,
+  after a warm-up batch; ``--no-process`` keeps only this), and reports
+  sentences/s and target tokens/s,
   in ``--decode-precision`` (fp32, or bf16 autocast, which pays on CPUs with
   native bf16), and the same roofline as training: the search's matmul FLOPs
   (counted in one more pass) per second of translation, against both peaks.
