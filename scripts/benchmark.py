@@ -7,12 +7,16 @@ Each part runs in its own process, so peak RSS is that part's own:
 
 * ``train``: builds the trainer exactly as ``seq2seq-train experiment=...`` does
   (same data, pieces, sizes, batches, precision) and times real training steps
-  after a warm-up. Reports non-pad target tokens/s, and the achieved FLOP/s
-  (FLOPs of one step counted with ``torch.utils.flop_counter``) as a fraction
-  of this machine's fp32 and bf16 matmul peaks, measured in the same run.
-* ``decode``: translates a test file, greedy and beam 5 at batch 64, in a child
-  ``seq2seq-translate`` process (whole-process time and peak RSS) and in this
-  process (translation time alone), and reports sentences/s and target tokens/s,
+  after a warm-up: ``--train-steps`` of them, or fewer once ``--train-seconds``
+  have passed (the epoch's batches come round again if it runs out). Reports
+  non-pad target tokens/s, and the achieved FLOP/s (FLOPs of one step counted
+  with ``torch.utils.flop_counter``) as a fraction of this machine's fp32 and
+  bf16 matmul peaks (on the training device), measured in the same run.
+* ``decode``: translates a test file, greedy and beam 5 at each ``--batch-sizes``
+  (64) on ``--device`` (cpu), in a child ``seq2seq-translate`` process
+  (whole-process time and peak RSS) and in this process (translation time alone,
+  after a warm-up batch; ``--no-process`` keeps only this), and reports
+  sentences/s and target tokens/s,
   in ``--decode-precision`` (fp32, or bf16 autocast, which pays on CPUs with
   native bf16), and the same roofline as training: the search's matmul FLOPs
   (counted in one more pass) per second of translation, against both peaks.
@@ -60,7 +64,9 @@ if TYPE_CHECKING:
     from seq2seq.decoding.translator import Translator
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) -> float:
+def matmul_peak(
+    dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0, device: str = "cpu"
+) -> float:
     """GFLOP/s of a large square matmul: the practical compute ceiling.
 
     Why the size can shrink: a CPU without native bf16 emulates it about 100x
@@ -68,23 +74,38 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 1.0) 
     seconds; the peak is a rate, so a smaller product measures it just as well.
     """
     while True:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        if device != "cpu":
+            a @ b  # the first product on a GPU also pays for loading its library
+            _sync(device)
         start = time.perf_counter()
         a @ b  # warm-up, and a probe of how slow this dtype is here
+        _sync(device)
         if time.perf_counter() - start < 0.5 or size <= 256:
             break
         size //= 2
     reps, start = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - start < min_seconds:
         a @ b
+        _sync(device)
         reps += 1
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def matmul_peaks() -> dict[str, float]:
-    """This machine's fp32 and bf16 matmul peaks (GFLOP/s), measured now."""
-    return {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+def matmul_peaks(device: str = "cpu") -> dict[str, float]:
+    """This machine's fp32 and bf16 matmul peaks (GFLOP/s) on ``device``, measured now."""
+    size = 8192 if device.startswith("cuda") else 2048
+    return {
+        dtype: matmul_peak(getattr(torch, name), size, device=device)
+        for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))
+    }
+
+
+def _sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def roofline(achieved: float, peaks: dict[str, float]) -> dict[str, float]:
@@ -102,6 +123,10 @@ def _set_threads(threads: int) -> None:
     """Set intra-op threads only when asked, so the default measures what users get."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
@@ -131,29 +156,37 @@ def bench_train(args: argparse.Namespace) -> dict:
         trainer = Trainer.from_config(config, run_dir=Path(run_dir))
     t = config.train
     batches = token_batches(trainer.lengths, max_tokens=t.max_tokens, seed=t.seed)
-    batch_list = [
-        trainer.train_data.batch(b) for b in batches[: 1 + args.warmup + args.train_steps]
-    ]
+    # Past the first epoch's batches the same ones come round again.
+    wanted = 1 + args.warmup + args.train_steps
+    batch_list = [trainer.train_data.batch(b) for b in batches[:wanted]]
+    batch_list = (batch_list * -(-wanted // len(batch_list)))[:wanted]
     with FlopCounterMode(display=False) as counter:
         trainer.train_step([batch_list[0]])
     flops_per_token = counter.get_total_flops() / batch_list[0].n_tokens
     for batch in batch_list[1 : 1 + args.warmup]:
         trainer.train_step([batch])
-    timed = batch_list[1 + args.warmup : 1 + args.warmup + args.train_steps]
+    device = str(trainer.device)
+    _sync(device)
+    timed, start = [], time.perf_counter()
+    for batch in batch_list[1 + args.warmup :]:
+        trainer.train_step([batch])
+        timed.append(batch)
+        if args.train_seconds and time.perf_counter() - start >= args.train_seconds:
+            break
+    _sync(device)
+    seconds = time.perf_counter() - start
     tokens = sum(b.n_tokens for b in timed)
     sentences = sum(b.src.size(0) for b in timed)
-    start = time.perf_counter()
-    for batch in timed:
-        trainer.train_step([batch])
-    seconds = time.perf_counter() - start
     rate = tokens / seconds
-    peaks = matmul_peaks()
+    peaks = matmul_peaks(device)
     achieved = flops_per_token * rate / 1e9
     return {
         "experiment": args.experiment,
+        "device": _device_name(device),
         "precision": "bf16" if trainer.use_bf16 else "fp32",
         "parameters_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 2),
         "steps": len(timed),
+        "seconds": round(seconds, 1),
         "sentences_per_batch": round(sentences / len(timed), 1),
         "train_tgt_tokens_per_s": round(rate),
         "train_sentences_per_s": round(sentences / seconds, 1),
@@ -165,7 +198,6 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
     from seq2seq.data.text import read_lines
-    from seq2seq.decoding.translator import Translator
 
     src = Path(args.data_dir) / f"{args.test_stem}.{args.src_lang}.gz"
     lines = read_lines(src)
@@ -173,44 +205,57 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
     # RSS counts the pages it shared with its parent before exec, so after the
     # in-process runs below it would report this process's memory, not its own.
     searches = (("greedy", 1), ("beam5", 5))
-    walls, child_rss = {}, {}
-    for name, beam in searches:
+    walls: dict[str, float] = {}
+    child_rss: dict[str, float] = {}
+    for name, beam in searches if not args.no_process else ():
         walls[name] = statistics.median(
             _translate_process(args, src, beam) for _ in range(args.reps)
         )
         child_rss[name] = peak_rss_mb(resource.RUSAGE_CHILDREN)  # the max over children so far
-    results = []
     _set_threads(args.threads)
-    peaks = matmul_peaks()
-    for name, beam in searches:
-        translator = Translator.from_bundle(args.bundle, device="cpu").with_decode(
-            beam_size=beam, batch_size=64, nbest=1, precision=args.decode_precision
-        )
-        times = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            hyps = translator.hypotheses(lines)
-            times.append(time.perf_counter() - start)
-        seconds, wall = statistics.median(times), walls[name]
-        tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
-        achieved = _decode_flops(translator, lines) / seconds / 1e9
-        results.append(
-            {
-                "search": name,
-                "precision": args.decode_precision,
-                "sentences": len(lines),
-                "reps": args.reps,
-                "translate_s": round(seconds, 2),
-                "translate_s_all": [round(t, 2) for t in times],
-                "sentences_per_s": round(len(lines) / seconds, 1),
-                "tgt_tokens_per_s": round(tokens / seconds),
-                "process_wall_s": round(wall, 2),
-                "process_sentences_per_s": round(len(lines) / wall, 1),
-                "process_peak_rss_mb": round(child_rss[name]),
-                **roofline(achieved, peaks),
-            }
-        )
+    peaks = matmul_peaks(args.device)
+    results = []
+    for batch_size in args.batch_sizes:
+        for name, beam in searches:
+            result = _decode_in_process(args, lines, beam, batch_size, peaks)
+            if name in walls:
+                result["process_wall_s"] = round(walls[name], 2)
+                result["process_sentences_per_s"] = round(len(lines) / walls[name], 1)
+                result["process_peak_rss_mb"] = round(child_rss[name])
+            results.append({"search": name, **result})
     return results
+
+
+def _decode_in_process(
+    args: argparse.Namespace, lines: list[str], beam: int, batch_size: int, peaks: dict
+) -> dict:
+    """Translation time alone of ``lines``, the median of ``args.reps`` runs."""
+    from seq2seq.decoding.translator import Translator
+
+    translator = Translator.from_bundle(args.bundle, device=args.device).with_decode(
+        beam_size=beam, batch_size=batch_size, nbest=1, precision=args.decode_precision
+    )
+    translator.hypotheses(lines[:batch_size])  # warm-up: kernels, libraries, caches
+    times = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        hyps = translator.hypotheses(lines)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+    achieved = _decode_flops(translator, lines) / seconds / 1e9
+    return {
+        "device": _device_name(args.device),
+        "precision": args.decode_precision,
+        "batch_size": batch_size,
+        "sentences": len(lines),
+        "reps": args.reps,
+        "translate_s": round(seconds, 2),
+        "translate_s_all": [round(t, 2) for t in times],
+        "sentences_per_s": round(len(lines) / seconds, 1),
+        "tgt_tokens_per_s": round(tokens / seconds),
+        **roofline(achieved, peaks),
+    }
 
 
 def _decode_flops(translator: Translator, lines: list[str]) -> float:
@@ -462,7 +507,17 @@ def main() -> None:
     parser.add_argument("--decode-precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--reps", type=int, default=3, help="decoding runs; medians reported")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--train-steps", type=int, default=100, help="timed steps at most")
+    parser.add_argument(
+        "--train-seconds", type=float, default=0, help="stop timing after this long (0: no limit)"
+    )
+    parser.add_argument("--device", default="cpu", help="where the decode part runs")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[64], help="decode batch sizes"
+    )
+    parser.add_argument(
+        "--no-process", action="store_true", help="decode: skip the whole-process timings"
+    )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument(

@@ -216,17 +216,31 @@ def _force_eos(
     best: Tensor, tokens: Tensor, must_end: Tensor, eos_log_probs: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
     """Rows in ``must_end`` (at their length budget) become EOS, with its own log-prob,
-    then ``-inf``; in place.
+    then ``-inf``.
 
-    Only those rows are rewritten: building a full (N, V) mask every step would cost
-    far more, for rows that are almost never at their budget.
+    Two ways to the same result. On the CPU only those rows are rewritten, in place:
+    rows at their budget are rare, so finding them (``nonzero``) and touching them alone
+    costs least. On a GPU, finding them would make the host wait for the device at
+    every step, so every row goes through a selection over its (width,) candidates.
     """
+    if best.device.type != "cpu":
+        return _force_eos_selecting(best, tokens, must_end, eos_log_probs, eos_id)
     ends = must_end.nonzero()[:, 0]
     if ends.numel():
         best[ends] = NEG_INF
         best[ends, 0] = eos_log_probs[ends]
         tokens[ends, 0] = eos_id
     return best, tokens
+
+
+def _force_eos_selecting(
+    best: Tensor, tokens: Tensor, must_end: Tensor, eos_log_probs: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """`_force_eos` without a host sync: new tensors, every row selected."""
+    first = torch.arange(best.size(1), device=best.device) == 0
+    ended = must_end[:, None]
+    forced = torch.where(first, eos_log_probs[:, None].to(best.dtype), NEG_INF)
+    return torch.where(ended, forced, best), torch.where(ended & first, eos_id, tokens)
 
 
 def _tail_rows(
@@ -301,7 +315,9 @@ def greedy(
         prev = torch.full((batch,), bos_id, dtype=torch.long, device=device)
         tokens = torch.full((batch, longest), eos_id, dtype=torch.long, device=device)
         total = torch.zeros(batch, device=device)
-        attention = torch.zeros(batch, longest, src.size(1)) if return_attention else None
+        attention = None
+        if return_attention:  # on the device: one copy at the end, not one per step
+            attention = torch.zeros(batch, longest, src.size(1), device=device)
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # per row of `rows`
         for step in range(longest):
             must_end = step >= budget[rows]
@@ -313,7 +329,7 @@ def greedy(
             total[rows] = total[rows] + best.masked_fill(~alive, 0.0)
             tokens[rows, step] = prev
             if attention is not None:
-                attention[rows.cpu(), step] = attn.float().cpu()
+                attention[rows, step] = attn.float()
             alive = prev != eos_id
             live = alive.nonzero().squeeze(1)
             if live.numel() == 0:
@@ -336,12 +352,14 @@ def _greedy_hypotheses(
         src_lengths: (B,) long.
     """
     tokens, log_probs = tokens.cpu(), log_probs.cpu()
+    attention = None if attention is None else attention.cpu()
     lengths = (tokens == eos_id).long().argmax(dim=1).tolist()
+    src_lens = src_lengths.tolist()  # one copy from the device, not one per sentence
     hyps = []
     for i, length in enumerate(lengths):
         attn = None
         if attention is not None:
-            attn = attention[i, : length + 1, : int(src_lengths[i])].float().cpu()
+            attn = attention[i, : length + 1, : src_lens[i]].float()
         score = float(log_probs[i])
         hyps.append([Hypothesis(tokens[i, :length].tolist(), score, score, attn)])
     return hyps
@@ -734,6 +752,8 @@ def _beam_hypotheses(
     scores = finished.scores.cpu().tolist()
     log_probs = finished.log_probs.cpu().tolist()
     tokens = finished.tokens.cpu()
+    # One copy from the device for the whole batch, not one per hypothesis.
+    attention = None if finished.attention is None else finished.attention[:, :nbest].float().cpu()
     results = []
     for i, src_len in enumerate(src_lengths.cpu().tolist()):
         hyps = []
@@ -742,8 +762,8 @@ def _beam_hypotheses(
                 break
             length = lengths[i][j]
             attn = None
-            if finished.attention is not None:
-                attn = finished.attention[i, j, : length + 1, :src_len].float().cpu()
+            if attention is not None:
+                attn = attention[i, j, : length + 1, :src_len]
             hyps.append(
                 Hypothesis(tokens[i, j, :length].tolist(), scores[i][j], log_probs[i][j], attn)
             )

@@ -42,7 +42,7 @@ from seq2seq.config import Cell, RnnImpl
 RnnState = Tensor | tuple[Tensor, Tensor]
 
 # What ``model.rnn_impl=auto`` runs per device type. The hand-written recurrence
-# wins on CPU; on CUDA it stays the default until ``scripts/gpu_check.py`` has
+# wins on CPU; on CUDA it stays the default until ``scripts/gpu_check.sh`` has
 # measured both there (docs/benchmarks.md holds the figures).
 AUTO: dict[str, RnnImpl] = {"cpu": RnnImpl.handwritten, "cuda": RnnImpl.handwritten}
 

@@ -6,7 +6,9 @@ each training step's large tensors (the (N, V) logits, log-probs and their
 gradients, the attention scores) arrive as new pages the kernel must fault in
 and zero, every step. Kept for reuse, they are faulted in once. The cost is
 that the process holds on to memory it has freed, which a long-running
-training process reuses anyway.
+training process reuses anyway. Host memory only: on a GPU, CUDA's caching
+allocators hold device and page-locked memory themselves, and this changes
+neither.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from seq2seq.data.tokenizer import PAD_ID, Tokenizer
 from seq2seq.model import bundle as bundle_io
 from seq2seq.model.model import Seq2Seq
 from seq2seq.runtime import distributed
-from seq2seq.runtime.device import pick_device, use_bf16
+from seq2seq.runtime.device import batch_to_device, pick_device, use_bf16
 from seq2seq.training import records, rundir, setup, snapshots, validation
 from seq2seq.training.optim import Scheduler, build_optimizer, build_scheduler
 from seq2seq.training.records import (
@@ -372,7 +372,7 @@ class StepRunner:
         scale = weight * self.world.size
         summed = 0.0
         for k, cpu_batch in enumerate(batches):
-            batch = cpu_batch.to(self.device)
+            batch = batch_to_device(cpu_batch, self.device)
             tgt_in = batch.tgt_in
             if t.teacher_forcing < 1.0:
                 tgt_in = sampled_inputs(self.model, batch, t.teacher_forcing, self.autocast)
