@@ -2,7 +2,7 @@
 
 Each part runs in its own process, so peak RSS is that part's own:
 
-    python scripts/benchmark.py all --data-dir ../shared/data/multi30k \
+    python scripts/benchmark.py all --data-dir $SEQ2SEQ_MULTI30K \
         --bundle runs/multi30k/.../best [--experiment multi30k_en_de] [--train-steps 150]
 
 * ``train``: builds the trainer exactly as ``seq2seq-train experiment=...`` does
@@ -34,7 +34,7 @@ Each part runs in its own process, so peak RSS is that part's own:
   and the median training tokens/s after the first five steps. Size 0 is the
   original corpus itself, the baseline for every other size.
 
-        python scripts/benchmark.py scale --data-dir ../shared/data/multi30k \
+        python scripts/benchmark.py scale --data-dir $SEQ2SEQ_MULTI30K \
             --scale-dir /tmp/scale --experiment multi30k_en_de_25min
 
 Nothing here is a test: speed is measured, never asserted.
@@ -497,7 +497,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["train", "decode", "all", "scale"])
     parser.add_argument("--experiment", default="multi30k_en_de")
-    parser.add_argument("--data-dir", default=None, help="local corpus directory (data.dir)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("SEQ2SEQ_MULTI30K"),
+        help="Multi30k's directory, data.dir (default: $SEQ2SEQ_MULTI30K)",
+    )
     parser.add_argument("--bundle", default=None, help="trained bundle for the decode part")
     parser.add_argument("--test-stem", default="test_2016_flickr")
     parser.add_argument("--src-lang", default="en")

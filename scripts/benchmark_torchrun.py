@@ -12,9 +12,9 @@ sentences/s, and whether the two outputs are byte for byte the same.
 Runs alternate between the two setups (A, B, A, B, ...) so that a shared machine's
 load hits both alike; medians and the spread are printed.
 
-    python scripts/benchmark_torchrun.py train --data-dir ../shared/data/multi30k
+    python scripts/benchmark_torchrun.py train --data-dir $SEQ2SEQ_MULTI30K
     python scripts/benchmark_torchrun.py translate --model runs/m30k/best \\
-        --input ../shared/data/multi30k/test_2016_flickr.en.gz
+        --input $SEQ2SEQ_MULTI30K/test_2016_flickr.en.gz
 """
 
 from __future__ import annotations
@@ -130,12 +130,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200, help="global optimiser steps")
     parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--data-dir", default="../shared/data/multi30k")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("SEQ2SEQ_MULTI30K"),
+        help="Multi30k's directory (default: $SEQ2SEQ_MULTI30K)",
+    )
     parser.add_argument("--model", help="bundle to translate with")
     parser.add_argument("--input", help="file to translate")
     parser.add_argument("--override", nargs="*", default=[], help="extra translate overrides")
     parser.add_argument("--scratch", help="where runs go (default: a temporary directory)")
     args = parser.parse_args()
+    if args.part == "train" and not args.data_dir:
+        parser.error("train needs --data-dir or $SEQ2SEQ_MULTI30K (Multi30k's directory)")
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,

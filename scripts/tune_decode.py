@@ -1,7 +1,7 @@
 """Pick beam size and length penalty on a development set, never on the test set.
 
     python scripts/tune_decode.py --bundle runs/m30k/best \
-        --src ../shared/data/multi30k/val.en.gz --ref ../shared/data/multi30k/val.de.gz \
+        --src $SEQ2SEQ_MULTI30K/val.en.gz --ref $SEQ2SEQ_MULTI30K/val.de.gz \
         --beams 5 8 12 --alphas 0.6 1.0 1.4 --json tune.json
 
 Loads the bundle once and translates the development set for every

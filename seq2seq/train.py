@@ -23,7 +23,7 @@ from seq2seq.training.records import DataRecord, EnsembleRecord, Record, TrainRe
 
 register_configs()
 logger = logging.getLogger("seq2seq.train")
-BUILTIN_RECIPE = "builtin_en_de"
+BUILTIN_RECIPE = "builtin"  # recipe/builtin.yaml, chosen by data=builtin
 RECORD_DIR = ".hydra"  # where Hydra would keep its snapshot; conf/train.yaml turns Hydra's off
 
 
@@ -80,14 +80,17 @@ def _same_run_dir(run_dir: str) -> str:
 
 
 def check_recipe(config: TrainApp, recipe: str | None) -> None:
-    """The default recipe sizes the vocabulary and the model for the generated
-    corpus's number words; on another corpus it would train a toy model silently."""
-    if recipe == BUILTIN_RECIPE and config.data.format != "builtin":
-        raise ValueError(
-            f"data.format={config.data.format} with experiment={BUILTIN_RECIPE} (the default, "
-            f"a recipe for the built-in corpus): add '~experiment' to train with the general "
-            f"defaults, or choose a recipe with experiment=NAME"
-        )
+    """The built-in corpus's recipe (chosen by ``data=builtin``, the default) sizes the
+    vocabulary and the model for generated number words; on a corpus named by
+    ``data.format`` or ``data.dir`` alone it would train a toy model silently."""
+    data = config.data
+    if recipe != BUILTIN_RECIPE or (data.format == "builtin" and not data.dir):
+        return
+    named = f"data.dir={data.dir}" if data.dir else f"data.format={data.format}"
+    raise ValueError(
+        f"{named} reads your own corpus, but data=builtin (the default) brings the "
+        f"built-in corpus's recipe: add data=files to train with the general settings"
+    )
 
 
 def config_record(cfg: DictConfig) -> Callable[[], None]:
@@ -117,7 +120,7 @@ def config_record(cfg: DictConfig) -> Callable[[], None]:
 def _app(cfg: DictConfig) -> None:
     with expected_errors(), closing(ProgressBar()) as bar:
         config = to_app(cfg, TrainApp)
-        check_recipe(config, HydraConfig.get().runtime.choices.get("experiment"))
+        check_recipe(config, HydraConfig.get().runtime.choices.get("recipe"))
         retain_freed_memory()
         t = config.train
         with distributed.process_group(backend=str(t.backend), timeout=t.timeout) as world:

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
+from omegaconf import OmegaConf
 
-from seq2seq import evaluate, translate
+from seq2seq import evaluate, train, translate
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.decoding import plotting
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle
-from tests.helpers import checkout_env, lively_model
+from tests.helpers import checkout_env, lively_model, one_error_line
 
 LIMIT = 30  # decode.max_input_tokens passed to the CLI
 
@@ -391,18 +392,88 @@ def test_single_ref_override_becomes_a_list():
 
 # ------------------------------------------------------------------------------ train
 
+TINY = [
+    "tokenizer.vocab_size=100",
+    "model.embedding_size=16",
+    "model.hidden_size=16",
+    "model.attention_size=16",
+    "train.max_steps=4",
+    "train.valid_every=2",
+    "train.device=cpu",
+]
 
-def test_own_corpus_under_the_builtin_recipe_is_refused(tmp_path):
-    """The default experiment sizes a toy model for generated number words; on a
-    user's corpus the run must say so instead of training it silently."""
-    files = [
-        f"data.{s}.{side}={tmp_path / 'x'}" for s in ("train", "valid") for side in ("src", "tgt")
+
+def own_corpus(directory: Path, pairs, *, tsv_bad_rows: int = 0) -> dict[str, Path]:
+    """Aligned train/dev text files and the same training pairs as one TSV file
+    with ``tsv_bad_rows`` malformed rows among them."""
+    paths = {}
+    for split, part in (("train", pairs[:150]), ("dev", pairs[150:180])):
+        for side, lang in enumerate(("en", "de")):
+            name = f"{split}.{lang}"
+            paths[name] = write_lines(directory / name, [pair[side] for pair in part])
+    rows = [f"{s}\t{t}" for s, t in pairs[:150]]
+    for number in range(tsv_bad_rows):
+        rows.insert(10 * number, f"bad row {number}")
+    paths["train.tsv"] = write_lines(directory / "train.tsv", rows)
+    return paths
+
+
+def train_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    caches = [f"tokenizer.cache_dir={tmp_path / 'spm'}", f"data.cache_dir={tmp_path / 'tok'}"]
+    return cli("train", f"run_dir={tmp_path / 'run'}", *caches, *TINY, *args, cwd=tmp_path)
+
+
+def test_the_plain_command_trains_on_own_files_with_the_general_settings(pairs, tmp_path):
+    files = own_corpus(tmp_path, pairs)
+    done = train_cli(
+        tmp_path,
+        "data=files",
+        f"data.train.src={files['train.en']}",
+        f"data.train.tgt={files['train.de']}",
+        f"data.valid.src={files['dev.en']}",
+        f"data.valid.tgt={files['dev.de']}",
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    run = tmp_path / "run"
+    assert (run / "best" / bundle.WEIGHTS).exists()
+    records = bundle.load_metrics(run)
+    assert [r["step"] for r in records if r["kind"] == "valid"] == [2, 4]
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    general = OmegaConf.structured(TrainApp(run_dir="x"))
+    for key in ("optim.lr", "model.dropout", "train.max_tokens", "train.max_time"):
+        assert OmegaConf.select(saved, key) == OmegaConf.select(general, key), key
+
+
+def test_skipped_bad_rows_are_counted_in_the_metrics(pairs, tmp_path):
+    files = own_corpus(tmp_path, pairs, tsv_bad_rows=4)
+    done = train_cli(
+        tmp_path,
+        "data=files",
+        "data.format=tsv",
+        f"data.train.path={files['train.tsv']}",
+        f"data.dir={tmp_path}",
+        "data.valid.stem=dev",
+        "data.skip_bad_rows=true",
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    (record,) = [r for r in bundle.load_metrics(tmp_path / "run") if r["kind"] == "data"]
+    assert (record["lines"], record["bad_rows"]) == (154, 4)
+    assert record["bad_examples"] == [
+        f"{files['train.tsv']}:{line}: expected 'source<TAB>target' (exactly one tab), found 0 tabs"
+        for line in (1, 11, 21)
     ]
-    done = cli("train", f"run_dir={tmp_path / 'run'}", "data=files", *files, cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.decode().strip().splitlines() == [
-        "error: data.format=text with experiment=builtin_en_de (the default, a recipe for the "
-        "built-in corpus): add '~experiment' to train with the general defaults, or choose a "
-        "recipe with experiment=NAME"
-    ]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "skipped 4 bad rows of 154" in (done.stdout + done.stderr).decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.format=tsv", "data.train.path=t.tsv"], "add data=files"),
+        (["data.dir=corpus"], "data.dir=corpus reads your own corpus"),
+        (["data=files"], "no train split configured for data.format=text"),
+    ],
+)
+def test_own_corpus_mistakes_are_one_line(run_app, tmp_path, args, message):
+    code, out, err = run_app(train.main, f"run_dir={tmp_path / 'run'}", *args)
+    one_error_line(code, err)
+    assert message in err and out == ""

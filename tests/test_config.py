@@ -73,22 +73,44 @@ def test_defaults_train_on_the_builtin_corpus_and_stop():
 
 @pytest.mark.parametrize("overrides", [[], ["optim=adamw", "tokenizer=bpe", "arch=luong"]])
 def test_corpus_recipe_is_not_undone_by_generic_groups(overrides):
-    """experiment/builtin_en_de.yaml (the default) sets vocabulary, sizes and learning
-    rate for its corpus; the generic tokenizer/optim/arch groups must not reset them."""
-    recipe = OmegaConf.load(CONF / "experiment" / "builtin_en_de.yaml")
+    """recipe/builtin.yaml (selected by data=builtin, the default) sets vocabulary, sizes
+    and learning rate for its corpus; the generic tokenizer/optim/arch groups must not
+    reset them."""
+    recipe = OmegaConf.load(CONF / "recipe" / "builtin.yaml")
     config = _compose("train", ["run_dir=x", *overrides])
     for group in ("tokenizer", "model", "optim", "train"):
         for key, value in recipe[group].items():
             assert config[group][key] == value, f"{group}.{key}"
 
 
-def test_without_the_default_recipe_the_general_defaults_apply():
-    files = [f"data.{s}.{side}=f" for s in ("train", "valid") for side in ("src", "tgt")]
-    config = OmegaConf.to_object(
-        _compose("train", ["run_dir=x", "~experiment", "data=files", *files])
-    )
-    assert config.data.format == "text"
-    assert (config.tokenizer.vocab_size, config.model.hidden_size) == (8000, 512)
+@pytest.mark.parametrize(
+    "corpus",
+    [
+        [f"data.{s}.{side}=f" for s in ("train", "valid") for side in ("src", "tgt")],
+        ["data.dir=corpus"],
+        ["data.format=parquet", "data.train.path=t.parquet", "data.valid.path=v.parquet"],
+    ],
+    ids=["files", "dir", "parquet"],
+)
+def test_own_corpus_gets_the_general_settings(corpus):
+    """data=files has no recipe: the schema's general defaults apply, with nothing
+    else named on the command line."""
+    config = OmegaConf.to_object(_compose("train", ["run_dir=x", "data=files", *corpus]))
+    general = TrainApp(run_dir="x")
+    assert config.data.name == "files"
+    for group in ("tokenizer", "model", "optim", "train"):
+        assert getattr(config, group) == getattr(general, group), group
+
+
+@pytest.mark.parametrize("experiment", ["builtin_en_de", "multi30k_en_de_25min"])
+def test_a_named_experiment_keeps_its_corpus_and_recipe(experiment):
+    config = _compose("train", ["run_dir=x", f"experiment={experiment}"])
+    own = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    recipe = OmegaConf.load(CONF / "recipe" / "builtin.yaml") if "builtin" in experiment else own
+    assert config.data.name == ("builtin" if "builtin" in experiment else "multi30k")
+    for group in ("tokenizer", "model", "optim", "train"):
+        for key, value in recipe.get(group, {}).items():
+            assert config[group][key] == value, f"{group}.{key}"
 
 
 def test_command_line_beats_the_corpus_recipe():

@@ -40,6 +40,15 @@ class Chunk:
     bad_names: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A line that could not be decoded, kept in its place so that bad rows are
+    refused (or named) in file order whatever made them bad."""
+
+    number: int
+    reason: str
+
+
 @dataclass
 class BadRows:
     """The bad-row policy of one read: the first bad row stops it, unless ``skip``."""
@@ -51,7 +60,7 @@ class BadRows:
     def reject(self, where: str, reason: str) -> None:
         """Refuse the row at ``where`` (raises), or count it when skipping."""
         if not self.skip:
-            raise CorpusError(f"{where}: {reason}")
+            raise CorpusError(f"{where}: {reason}; {CorpusError.utf8_hint}")
         self.count += 1
         if len(self.names) < FIRST_BAD:
             self.names.append(f"{where}: {reason}")
@@ -63,20 +72,23 @@ class BadRows:
         return chunk
 
 
-def decode_rows(raw: Sequence[bytes], path: Path, first: int, bad: BadRows) -> list[str | None]:
-    """Decoded lines; with ``bad.skip`` a line that is not UTF-8 is counted and None."""
+def decode_rows(raw: Sequence[bytes], path: Path, first: int) -> list[str | BadLine]:
+    """Decoded lines, a line that is not UTF-8 as a ``BadLine`` in its place.
+
+    The block is decoded in one call; only a block that fails is decoded line by line.
+    """
     try:
         return list(decode_block(raw, name=path, first=first, error=CorpusError))
     except CorpusError:
-        if not bad.skip:
-            raise
-    lines: list[str | None] = []
+        pass
+    lines: list[str | BadLine] = []
+    hint = f"; {CorpusError.utf8_hint}"
     for number, line in enumerate(raw, start=first + 1):
         try:
             lines.extend(decode_block([line], name=path, first=number - 1, error=CorpusError))
-        except CorpusError:
-            bad.reject(f"{path}:{number}", "not valid UTF-8")
-            lines.append(None)
+        except CorpusError as e:
+            reason = str(e).removeprefix(f"{path}:{number}: ").removesuffix(hint)
+            lines.append(BadLine(number, reason))
     return lines
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from seq2seq.data.chunks import BadRows, Chunk, CorpusError, decode_rows, pair_of
+from seq2seq.data.chunks import BadLine, BadRows, Chunk, CorpusError, decode_rows, pair_of
 from seq2seq.data.text import open_binary, read_block
 
 # A row parser: the pair of one non-blank line, or the reason it is malformed.
@@ -65,15 +65,29 @@ class TextPair:
                     )
                 if not src_raw:
                     return
-                src_lines = decode_rows(src_raw, self.src, first, bad)
-                tgt_lines = decode_rows(tgt_raw, self.tgt, first, bad)
-                kept = [
-                    (s, t)
-                    for s, t in zip(src_lines, tgt_lines, strict=True)
-                    if s is not None and t is not None
-                ]
-                yield bad.chunk([s for s, _ in kept], [t for _, t in kept], len(src_raw))
+                src_kept, tgt_kept = self._aligned(
+                    decode_rows(src_raw, self.src, first),
+                    decode_rows(tgt_raw, self.tgt, first),
+                    bad,
+                )
+                yield bad.chunk(src_kept, tgt_kept, len(src_raw))
                 first += len(src_raw)
+
+    def _aligned(
+        self, src: list[str | BadLine], tgt: list[str | BadLine], bad: BadRows
+    ) -> tuple[list[str], list[str]]:
+        """The pairs whose lines both decoded; a pair with a bad line on either side
+        (or both) is one bad row, named by its first bad side."""
+        kept: tuple[list[str], list[str]] = ([], [])
+        for s, t in zip(src, tgt, strict=True):
+            if isinstance(s, BadLine):
+                bad.reject(f"{self.src}:{s.number}", s.reason)
+            elif isinstance(t, BadLine):
+                bad.reject(f"{self.tgt}:{t.number}", t.reason)
+            else:
+                kept[0].append(s)
+                kept[1].append(t)
+        return kept
 
 
 @dataclass(frozen=True)
@@ -100,9 +114,9 @@ class LineFile:
             while raw := _block(handle, self.path, size):
                 src: list[str] = []
                 tgt: list[str] = []
-                lines = decode_rows(raw, self.path, first, bad)
-                for number, line in enumerate(lines, start=first + 1):
-                    if line is None:
+                for number, line in enumerate(decode_rows(raw, self.path, first), first + 1):
+                    if isinstance(line, BadLine):
+                        bad.reject(f"{self.path}:{number}", line.reason)
                         continue
                     pair = parse(line) if line.strip() else ("", "")
                     if isinstance(pair, str):
