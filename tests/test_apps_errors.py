@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import save_file
 
 from seq2seq import evaluate, train, translate
 from seq2seq.config import DecodeConfig
 from seq2seq.data.tokenizer import SRC_FILE, TGT_FILE
 from seq2seq.model import bundle
-from tests.helpers import copy_bundle, one_error_line
+from tests.helpers import copy_bundle, one_error_line, rewrite_header, weights
 
 # ------------------------------------ outputs never clobber inputs or earlier results
 
@@ -153,6 +154,9 @@ def _edit_config(path: Path, edit) -> None:
         ("huge", "far more than its weights file"),
         ("swapped_spm", "not the tokenizer this model was trained with"),
         ("truncated", "truncated"),
+        ("alias_cycle", "aliases are refused"),
+        ("header_dtype", "corrupt header"),
+        ("nan", "NaN or infinite"),
     ],
 )
 def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, damage, message):
@@ -169,6 +173,16 @@ def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, dama
         (path / SRC_FILE).rename(path / "x")
         (path / TGT_FILE).rename(path / SRC_FILE)
         (path / "x").rename(path / TGT_FILE)
+    elif damage == "alias_cycle":
+        (path / bundle.CONFIG).write_text("a: &a [*a]\n")
+    elif damage == "header_dtype":
+        rewrite_header(
+            path / bundle.WEIGHTS, lambda t: t["decoder.generator.bias"].update(dtype="F16")
+        )
+    elif damage == "nan":
+        tensors = weights(path)
+        tensors["decoder.generator.bias"][0] = float("nan")
+        save_file(tensors, str(path / bundle.WEIGHTS))
     else:
         data = (path / bundle.WEIGHTS).read_bytes()
         (path / bundle.WEIGHTS).write_bytes(data[: len(data) - 100])

@@ -172,13 +172,36 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _new_file_mode(target: Path) -> int:
-    """The existing file's mode, or what ``open`` would give a new file (0o666 - umask)."""
+    """The existing file's mode, or what ``open`` would give a new file."""
     try:
         return os.stat(target).st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """What ``open`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def new_directory_mode() -> int:
+    """What ``mkdir`` gives a new directory: 0o777 less the umask."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting
+    it to read it would give files another thread creates meanwhile mode 0o666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _fsync(path: Path) -> None:
@@ -211,6 +234,9 @@ def atomic_directory(path: str | Path, *, replace: bool = True) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        # mkdtemp creates it 0700; the directory it becomes is read like any other
+        # (a service account loads a bundle), so it gets a new directory's mode.
+        os.chmod(tmp, new_directory_mode())
         yield tmp
         _fsync_tree(tmp)
     except BaseException:

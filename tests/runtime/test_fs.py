@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 
 import pytest
 
+from seq2seq.config import TrainApp
 from seq2seq.model import bundle
 from seq2seq.runtime import fs
 from seq2seq.runtime.fs import OutputError, check_outputs, replace_on_success
+from tests.helpers import tiny_model
 
 # ----------------------------------------------------------------- outputs vs inputs
 
@@ -117,3 +120,24 @@ def test_reads_stay_inside_their_directory(tmp_path):
     for name, message in cases:
         with pytest.raises(Refused, match=message):
             fs.read_bounded(root, name, 4, error=Refused, within="the box")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_new_directories_and_bundle_files_get_the_umasks_modes(tmp_path, tokenizer, umask):
+    """A service account must be able to read what a training wrote: a bundle's
+    directory and files get what ``mkdir`` and ``open`` give under the umask
+    (not the 0700 of a temporary directory, nor safetensors' 0600)."""
+
+    old = os.umask(umask)
+    try:
+        with fs.atomic_directory(tmp_path / "plain") as tmp:
+            (tmp / "f").write_text("x")
+        path = bundle.save(
+            tmp_path / "b", model=tiny_model(tokenizer), config=TrainApp(), tokenizer=tokenizer
+        )
+        assert (fs.new_file_mode(), fs.new_directory_mode()) == (0o666 & ~umask, 0o777 & ~umask)
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "plain", path):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o666 & ~umask}
