@@ -61,6 +61,40 @@ def test_a_line_of_nul_bytes_is_an_empty_line(run_app, tiny_bundle, tmp_path):
     assert lines[0] != "\t0.0000"
 
 
+@pytest.mark.parametrize("shard", [None, "1/2"])
+def test_dev_null_is_an_empty_input(run_app, tiny_bundle, tmp_path, shard):
+    dst = tmp_path / "out.txt"
+    args = [f"shard={shard}"] if shard else []
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", "input=/dev/null", f"output={dst}", *args
+    )
+    assert code == 0, err
+    assert dst.read_text() == ""
+
+
+def test_a_sharded_translation_refuses_a_pipe_naming_it(run_app, tiny_bundle, tmp_path):
+    """A shard counts its input's lines first: a pipe would be drained by the count."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={fifo}", "shard=1/2", "output=x.txt"
+    )
+    one_error_line(code, err)
+    assert f"input {fifo} is not a regular file" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_is_one_line_naming_the_output(run_app, tiny_bundle, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("one two\n" * 2000)
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={src}", "output=/dev/full"
+    )
+    bar = "translate: "  # the progress bar's redrawn line, ended before the error
+    one_error_line(code, "\n".join(x for x in err.splitlines() if not x.startswith(bar)))
+    assert "cannot write /dev/full: No space left on device" in err
+
+
 def test_evaluate_refuses_to_overwrite_its_reference(run_app, tiny_bundle, tmp_path, monkeypatch):
     src, ref = tmp_path / "src.txt", tmp_path / evaluate.HYP_FILE
     src.write_text("one\ntwo\n")

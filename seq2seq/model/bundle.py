@@ -158,7 +158,10 @@ def save(
         lines = "".join(json.dumps(m) + "\n" for m in metrics or [])
         (tmp / METRICS).write_text(lines)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            try:
+                torch.save(trainer_state, tmp / TRAINER_STATE)
+            except RuntimeError as e:  # a full disk, in torch's words
+                raise OSError(f"cannot write {path / TRAINER_STATE}: {e}") from e
         for file in tmp.iterdir():  # safetensors creates its file 0600: a service reads it
             os.chmod(file, new_file_mode())
     return path
