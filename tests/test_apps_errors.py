@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,15 @@ def test_evaluate_empty_files_is_an_error_not_a_crash(run_app, tmp_path):
 
 
 # ------------------------------------------------------------------ bad configuration
+
+
+@pytest.mark.skipif(bool(find_spec("MeCab")), reason="the Japanese tokenizer is installed")
+def test_a_tokenizer_without_its_package_is_one_line(run_app, tmp_path):
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("eins zwei\n")
+    code, _, err = run_app(evaluate.main, f"hyp={hyp}", f"ref={hyp}", "tokenize=ja-mecab")
+    one_error_line(code, err)
+    assert "tokenize=ja-mecab needs an optional package" in err and "sacrebleu[ja]" in err
 
 
 @pytest.mark.parametrize(
