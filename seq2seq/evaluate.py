@@ -118,6 +118,18 @@ def _check(config: EvaluateApp) -> None:
         raise ValueError(
             f"tokenize={config.tokenize!r}; choose one of {', '.join(BLEU.TOKENIZERS)}"
         )
+    _check_tokenizer(config.tokenize)
+
+
+def _check_tokenizer(name: str) -> None:
+    """Build the BLEU tokenizer once before any work: some need an optional package
+    (``ja-mecab``, ``ko-mecab``), whose absence sacrebleu reports as a RuntimeError."""
+    try:
+        BLEU(tokenize=name)
+    except RuntimeError as e:
+        raise ImportError(
+            f"tokenize={name} needs an optional package: {' '.join(str(e).split())}"
+        ) from e
 
 
 def _check_outputs(config: EvaluateApp) -> None:

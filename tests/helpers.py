@@ -6,10 +6,12 @@ that tests call live here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,16 @@ def copy_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "hostile"
     shutil.copytree(tiny_bundle, copy)
     return copy
+
+
+def rewrite_header(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``change`` to the JSON header of the safetensors file at ``path``."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    change({k: v for k, v in header.items() if k != "__metadata__"})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
 
 
 # ---------------------------------------------------------------------------- processes

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import save_file
 
 from seq2seq import evaluate, train, translate
 from seq2seq.config import DecodeConfig
 from seq2seq.data.tokenizer import SRC_FILE, TGT_FILE
 from seq2seq.model import bundle
-from tests.helpers import copy_bundle, one_error_line
+from tests.helpers import copy_bundle, one_error_line, rewrite_header, weights
 
 # ------------------------------------ outputs never clobber inputs or earlier results
 
@@ -60,6 +62,40 @@ def test_a_line_of_nul_bytes_is_an_empty_line(run_app, tiny_bundle, tmp_path):
     assert lines[0] != "\t0.0000"
 
 
+@pytest.mark.parametrize("shard", [None, "1/2"])
+def test_dev_null_is_an_empty_input(run_app, tiny_bundle, tmp_path, shard):
+    dst = tmp_path / "out.txt"
+    args = [f"shard={shard}"] if shard else []
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", "input=/dev/null", f"output={dst}", *args
+    )
+    assert code == 0, err
+    assert dst.read_text() == ""
+
+
+def test_a_sharded_translation_refuses_a_pipe_naming_it(run_app, tiny_bundle, tmp_path):
+    """A shard counts its input's lines first: a pipe would be drained by the count."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={fifo}", "shard=1/2", "output=x.txt"
+    )
+    one_error_line(code, err)
+    assert f"input {fifo} is not a regular file" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_is_one_line_naming_the_output(run_app, tiny_bundle, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("one two\n" * 2000)
+    code, _, err = run_app(
+        translate.main, f"model={tiny_bundle}", f"input={src}", "output=/dev/full"
+    )
+    bar = "translate: "  # the progress bar's redrawn line, ended before the error
+    one_error_line(code, "\n".join(x for x in err.splitlines() if not x.startswith(bar)))
+    assert "cannot write /dev/full: No space left on device" in err
+
+
 def test_evaluate_refuses_to_overwrite_its_reference(run_app, tiny_bundle, tmp_path, monkeypatch):
     src, ref = tmp_path / "src.txt", tmp_path / evaluate.HYP_FILE
     src.write_text("one\ntwo\n")
@@ -81,6 +117,15 @@ def test_evaluate_empty_files_is_an_error_not_a_crash(run_app, tmp_path):
 
 
 # ------------------------------------------------------------------ bad configuration
+
+
+@pytest.mark.skipif(bool(find_spec("MeCab")), reason="the Japanese tokenizer is installed")
+def test_a_tokenizer_without_its_package_is_one_line(run_app, tmp_path):
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("eins zwei\n")
+    code, _, err = run_app(evaluate.main, f"hyp={hyp}", f"ref={hyp}", "tokenize=ja-mecab")
+    one_error_line(code, err)
+    assert "tokenize=ja-mecab needs an optional package" in err and "sacrebleu[ja]" in err
 
 
 @pytest.mark.parametrize(
@@ -153,6 +198,9 @@ def _edit_config(path: Path, edit) -> None:
         ("huge", "far more than its weights file"),
         ("swapped_spm", "not the tokenizer this model was trained with"),
         ("truncated", "truncated"),
+        ("alias_cycle", "aliases are refused"),
+        ("header_dtype", "corrupt header"),
+        ("nan", "NaN or infinite"),
     ],
 )
 def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, damage, message):
@@ -169,6 +217,16 @@ def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, dama
         (path / SRC_FILE).rename(path / "x")
         (path / TGT_FILE).rename(path / SRC_FILE)
         (path / "x").rename(path / TGT_FILE)
+    elif damage == "alias_cycle":
+        (path / bundle.CONFIG).write_text("a: &a [*a]\n")
+    elif damage == "header_dtype":
+        rewrite_header(
+            path / bundle.WEIGHTS, lambda t: t["decoder.generator.bias"].update(dtype="F16")
+        )
+    elif damage == "nan":
+        tensors = weights(path)
+        tensors["decoder.generator.bias"][0] = float("nan")
+        save_file(tensors, str(path / bundle.WEIGHTS))
     else:
         data = (path / bundle.WEIGHTS).read_bytes()
         (path / bundle.WEIGHTS).write_bytes(data[: len(data) - 100])

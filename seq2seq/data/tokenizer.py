@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))  # removed when decoding (unk 
 
 SRC_FILE = "src.spm"
 TGT_FILE = "tgt.spm"
+CACHE_SUMS = "sums.json"  # the cached models' SHA-256, written after them
 MAX_TRAINING_LINES = 2_000_000  # per model; beyond that a seeded sample is used
 SAMPLE_SEED = 0
 _CACHE_VERSION = "1"  # bump when the training arguments below change
@@ -209,12 +211,35 @@ def _load_cached(directory: Path) -> Tokenizer | None:
     if not all(path.is_file() for path in files.values()):
         return None
     try:
-        tokenizer = Tokenizer.from_serialized({n: p.read_bytes() for n, p in files.items()})
+        data = {n: p.read_bytes() for n, p in files.items()}
+        _check_sums(directory, data)
+        tokenizer = Tokenizer.from_serialized(data)
     except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable cached tokenizer in %s: %s", directory, e)
+        logger.warning("training again: ignoring the cached tokenizer in %s: %s", directory, e)
         return None
     logger.info("loaded cached tokenizer from %s", directory)
     return tokenizer
+
+
+def _write_cache(directory: Path, files: dict[str, bytes]) -> None:
+    """The models, then their SHA-256 sums (last, so that sums mean a whole cache)."""
+    for name, data in files.items():
+        write_bytes(directory / name, data)
+    sums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    write_bytes(directory / CACHE_SUMS, json.dumps(sums, indent=2).encode() + b"\n")
+
+
+def _check_sums(directory: Path, files: dict[str, bytes]) -> None:
+    """Refuse (ValueError) cached models that are not the ones written there: swapped,
+    replaced or damaged, or from a cache without sums, whose models nothing vouches for.
+    The caller trains them again."""
+    try:
+        sums = json.loads((directory / CACHE_SUMS).read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"no {CACHE_SUMS} to check its models against") from None
+    for name, data in files.items():
+        if not isinstance(sums, dict) or sums.get(name) != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"{directory / name} does not match its SHA-256 in {CACHE_SUMS}")
 
 
 def train_or_load(
@@ -250,8 +275,7 @@ def train_or_load_pairs(
         del src_lines, tgt_lines
         files = {SRC_FILE: src_model, TGT_FILE: tgt_model}
         tokenizer = Tokenizer.from_serialized(files)
-        for name, data in files.items():
-            write_bytes(directory / name, data)
+        _write_cache(directory, files)
         logger.info("trained tokenizer, cached in %s", directory)
     logger.info(
         "vocabulary sizes: source %d, target %d (requested %d%s)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -65,8 +66,13 @@ def count_lines(path: str) -> int:
     """Lines of ``path`` as the translator reads them (``*.gz`` decompressed): "\\n"
     ends a line, and a last line without one still counts."""
     file = Path(path).expanduser()
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"input file not found: {file}")
+    if not file.is_file() and not os.path.samefile(file, os.devnull):
+        raise ValueError(
+            f"input {file} is not a regular file: a sharded translation reads its input "
+            "twice (to count its lines first), which a pipe or a device cannot give"
+        )
     opener = gzip.open if file.suffix == ".gz" else open
     with opener(file, "rb") as handle:
         return sum(1 for _ in handle)

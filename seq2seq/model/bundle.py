@@ -49,11 +49,11 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from seq2seq.config import ModelConfig, TrainApp
+from seq2seq.config import ModelConfig, TrainApp, validate
 from seq2seq.data.tokenizer import PAD_ID, SRC_FILE, TGT_FILE, Tokenizer
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.model.model import Seq2Seq
-from seq2seq.runtime.fs import atomic_directory, read_bounded, regular_file
+from seq2seq.runtime.fs import atomic_directory, new_file_mode, read_bounded, regular_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -69,10 +69,38 @@ MAX_JSON_BYTES = 64 << 10
 MAX_MODEL_SLACK = 1 << 28  # bytes a config may describe beyond 64x its weights
 MAX_HEADER_BYTES = 16 << 20
 MEMBER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+MAX_YAML_DEPTH = 32  # the schema nests three levels; deeper YAML is not a config
+# safetensors' element types and their sizes in bytes
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
+_DTYPE_BYTES |= {"U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 class BundleError(ValueError):
     """A path is not a readable model bundle."""
+
+
+class _PlainYAML(yaml.SafeLoader):
+    """Safe YAML without aliases and with bounded nesting.
+
+    Why: an alias (``*a``) lets a few hundred bytes expand to gigabytes once the
+    tree is copied, or to a cycle (``a: &a [*a]``), and nothing this project
+    writes uses one; deep nesting would exhaust the stack.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"an alias (*name) at line {mark.line + 1}; aliases are refused")
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 # Every file of a bundle is read through these: confined to the bundle directory.
@@ -130,7 +158,12 @@ def save(
         lines = "".join(json.dumps(m) + "\n" for m in metrics or [])
         (tmp / METRICS).write_text(lines)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            try:
+                torch.save(trainer_state, tmp / TRAINER_STATE)
+            except RuntimeError as e:  # a full disk, in torch's words
+                raise OSError(f"cannot write {path / TRAINER_STATE}: {e}") from e
+        for file in tmp.iterdir():  # safetensors creates its file 0600: a service reads it
+            os.chmod(file, new_file_mode())
     return path
 
 
@@ -143,6 +176,18 @@ def save_ensemble(path: str | Path, members: Sequence[str | Path]) -> Path:
         raise BundleError(f"ensemble members must be single models; {nested} are ensembles")
     if len(roots) < 2:
         raise BundleError(f"an ensemble needs at least 2 member bundles, got {len(roots)}")
+    _check_shared_tokenizer(roots)
+    names = [f"member{k}" for k in range(1, len(roots) + 1)]
+    with atomic_directory(Path(path)) as tmp:
+        for name, root in zip(names, roots, strict=True):
+            shutil.copytree(root, tmp / name, ignore=shutil.ignore_patterns(TRAINER_STATE))
+        (tmp / ENSEMBLE).write_text(json.dumps({"members": names}, indent=2) + "\n")
+    return Path(path)
+
+
+def _check_shared_tokenizer(roots: Sequence[Path]) -> None:
+    """Members decode with the first member's tokenizer: with another one their
+    averaged scores mean nothing (empty or garbage translations)."""
     first = _spm_files(roots[0])
     for root in roots[1:]:
         if _spm_files(root) != first:
@@ -150,12 +195,6 @@ def save_ensemble(path: str | Path, members: Sequence[str | Path]) -> Path:
                 f"{root} and {roots[0]} have different SentencePiece models; "
                 "ensemble members must share one tokenizer"
             )
-    names = [f"member{k}" for k in range(1, len(roots) + 1)]
-    with atomic_directory(Path(path)) as tmp:
-        for name, root in zip(names, roots, strict=True):
-            shutil.copytree(root, tmp / name, ignore=shutil.ignore_patterns(TRAINER_STATE))
-        (tmp / ENSEMBLE).write_text(json.dumps({"members": names}, indent=2) + "\n")
-    return Path(path)
 
 
 def ensemble_members(path: str | Path) -> list[Path] | None:
@@ -195,7 +234,9 @@ def load_config(path: str | Path) -> TrainApp:
     root = members[0] if members else resolve(path)
     text = _read_bounded(root, CONFIG, MAX_CONFIG_BYTES)
     try:
-        raw = OmegaConf.create(yaml.safe_load(text))
+        plain = yaml.load(text, Loader=_PlainYAML)
+        _refuse_interpolations(plain, "")
+        raw = OmegaConf.create(plain)
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainApp), raw))
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -204,13 +245,34 @@ def load_config(path: str | Path) -> TrainApp:
         ) from e
     if not isinstance(config, TrainApp):
         raise BundleError(f"{root / CONFIG} is not a training configuration")
+    try:
+        validate(config)
+    except ValueError as e:
+        raise BundleError(f"{root / CONFIG}: {e}") from e
     return config
+
+
+def _refuse_interpolations(value: Any, key: str) -> None:
+    """A bundle holds resolved values: a ``${...}`` would read the loading machine's
+    environment (``oc.env``) or other keys, so it is refused, never resolved."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_interpolations(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_interpolations(item, f"{key}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ValueError(
+            f"{key or 'the document'} holds an interpolation (${{...}}); a bundle's "
+            "values are literal and none is resolved"
+        )
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
     """Load configuration, tokenizer and weights; the model is in eval mode."""
     members = ensemble_members(path)
     if members:
+        _check_shared_tokenizer(members)
         loaded = [_load_single(m, device=device) for m in members]
         models = [b.model for b in loaded]
         try:
@@ -231,14 +293,26 @@ def _load_single(root: Path, *, device: str | torch.device) -> Bundle:
         model = build_model(config.model, tokenizer)
     except (RuntimeError, ValueError, TypeError) as e:
         raise BundleError(f"{root / CONFIG}: the model it describes cannot be built: {e}") from e
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights = _check_weights(root, shapes, tokenizer)
+    weights = _check_weights(root, model.state_dict(), tokenizer)
     try:
         load_model(model, str(weights), device=str(device))
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as e:
         raise BundleError(f"{weights} does not fit the model: {str(e)[:300]}") from e
+    _check_finite(weights, model)
     model.to(device).eval()
     return Bundle(config=config, tokenizer=tokenizer, model=model, path=root)
+
+
+def _check_finite(weights: Path, model: Seq2Seq) -> None:
+    """Refuse NaN or infinite weights (a diverged or damaged model): they would
+    translate every line to nothing without an error."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BundleError(
+                    f"{weights}: {name} holds NaN or infinite values; the model is damaged "
+                    "(or its training diverged) and cannot translate"
+                )
 
 
 def _check_size(root: Path, config: TrainApp, tokenizer: Tokenizer) -> None:
@@ -298,8 +372,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise BundleError(f"{root}: {e}") from e
 
 
-def _check_weights(root: Path, shapes: dict[str, tuple[int, ...]], tokenizer: Tokenizer) -> Path:
-    """The weights file, after its header matched the expected tensors and its size.
+def _check_weights(root: Path, expected: dict[str, torch.Tensor], tokenizer: Tokenizer) -> Path:
+    """The weights file, after its header matched the expected tensors (names,
+    shapes, element types, byte ranges) and its size.
 
     Why read the header first: a wrong-shape or oversized model would otherwise be
     allocated in full before safetensors could complain.
@@ -313,10 +388,15 @@ def _check_weights(root: Path, shapes: dict[str, tuple[int, ...]], tokenizer: To
         try:
             header = json.loads(f.read(n))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            found = {k: tuple(v["shape"]) for k, v in tensors.items()}
-            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            found = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+            dtypes = {k: str(v["dtype"]) for k, v in tensors.items()}
+            spans = sorted(
+                (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k)
+                for k, v in tensors.items()
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise BundleError(f"{path} has a corrupt safetensors header: {e}") from e
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
     for name, shape in found.items():
         if shapes.get(name) != shape:
             vocab = (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
@@ -325,11 +405,38 @@ def _check_weights(root: Path, shapes: dict[str, tuple[int, ...]], tokenizer: To
                 f"tokenizer (vocabularies {vocab[0]}/{vocab[1]}) give "
                 f"{list(shapes[name]) if name in shapes else 'no such weight'}"
             )
+    end = _check_spans(path, spans, expected, dtypes)
     if 8 + n + end != size:
         raise BundleError(
             f"{path} has {size} bytes but its header describes {8 + n + end}; truncated or padded"
         )
     return path
+
+
+def _check_spans(
+    path: Path,
+    spans: list[tuple[int, int, str]],
+    expected: dict[str, torch.Tensor],
+    dtypes: dict[str, str],
+) -> int:
+    """Each tensor's element type is of the model's kind (floating or not) and its
+    byte range holds exactly its elements, the ranges tiling the data without gaps
+    or overlaps; returns where the data ends."""
+    position = 0
+    for begin, end, name in spans:
+        tensor, dtype = expected[name], dtypes[name]
+        if dtype not in _DTYPE_BYTES or (dtype in _FLOAT_DTYPES) != tensor.is_floating_point():
+            raise BundleError(
+                f"{path}: {name} is stored as {dtype[:20]}, which cannot hold the model's "
+                f"{str(tensor.dtype).removeprefix('torch.')} values; corrupt header"
+            )
+        if begin != position or end - begin != tensor.numel() * _DTYPE_BYTES[dtype]:
+            raise BundleError(
+                f"{path}: {name} has byte range [{begin}, {end}), which does not hold its "
+                f"{tensor.numel()} {dtype} values right after the previous tensor; corrupt header"
+            )
+        position = end
+    return position
 
 
 def _spm_files(root: Path) -> dict[str, bytes]:

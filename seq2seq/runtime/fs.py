@@ -8,6 +8,10 @@ Why each rule:
   target's own directory, flushed to disk, and renamed into place, so a kill or
   a full disk at any moment leaves either the previous version or the new one,
   never a torn one. The rename stays on one file system, where it is atomic.
+* **Nothing half-written is left behind.** A writer killed mid-write leaves its
+  temporary file; the next write of the same file removes it (each temporary is
+  locked while its writer lives, so only a dead writer's goes). A write that
+  fails for want of space says which file it was writing.
 * **Outputs never clobber inputs.** An output that is the same file as any
   input (compared by device and inode, so every spelling of a path is caught)
   is refused before anything is opened (`check_outputs`): truncating it would
@@ -19,8 +23,11 @@ Why each rule:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -113,17 +120,68 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """
     target = Path(os.path.realpath(Path(path).expanduser()))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    _remove_abandoned(target)
+    fd, tmp = _locked_temporary(target)
     try:
         os.chmod(tmp, _new_file_mode(target))
         yield Path(tmp)
         _fsync(Path(tmp))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and (named := naming(e, target)) is not None:
+            raise named from e
         raise
+    finally:
+        os.close(fd)
     _fsync(target.parent)
+
+
+def _locked_temporary(target: Path) -> tuple[int, str]:
+    """A new temporary file beside ``target``, locked (``flock``) while it is written.
+
+    Why the lock: a writer killed mid-write leaves its temporary behind; the next
+    writer of ``target`` removes those it can lock (`_remove_abandoned`), since
+    the kernel drops a dead process's lock, while a live writer's stays locked.
+    One removed between its creation and its lock is noticed (no links left) and
+    replaced.
+    """
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+        except BlockingIOError:  # another writer is removing it as abandoned
+            pass
+        os.close(fd)
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Remove the temporaries of writers of ``target`` that were killed mid-write:
+    those of `_locked_temporary`'s names that no live process holds locked."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        names = [n for n in os.listdir(target.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = target.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if stat.S_ISREG(os.fstat(fd).st_mode) and os.path.samestat(
+                os.fstat(fd), os.lstat(path)
+            ):
+                os.unlink(path)
+                logger.info("removed %s, left by a write that was interrupted", path)
+        except OSError:  # locked by a live writer, or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextmanager
@@ -149,14 +207,37 @@ def _replaced(
     if _special(path):
         # A device, FIFO or terminal (/dev/null, /dev/stdout) is written in place:
         # renaming over it would replace the device node with a regular file.
-        with open(Path(path).expanduser(), mode, encoding=encoding, newline=newline) as stream:
-            yield stream
+        try:
+            with open(Path(path).expanduser(), mode, encoding=encoding, newline=newline) as out:
+                yield out
+        except OSError as e:
+            named = naming(e, Path(path))
+            if named is None:
+                raise
+            raise named from e
         return
     with (
         atomic_file(path) as tmp,
         open(tmp, mode, encoding=encoding, newline=newline) as handle,
     ):
         yield handle
+
+
+# A write with nowhere to go: the OS's message names no file.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's, errno unset
+
+
+def naming(error: OSError, path: Path) -> OSError | None:
+    """A failed write that names no file (a full disk, a short write) as an error
+    naming ``path``; None for any other error, which stays as it is."""
+    if error.filename is not None:
+        return None
+    if error.errno is None and _SHORT_WRITE.fullmatch(str(error)):
+        return OSError(f"cannot write {path}: a short write ({error}); is the disk full?")
+    if error.errno in _WRITE_FAILURES:
+        return OSError(error.errno, f"cannot write {path}: {error.strerror}")
+    return None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -172,13 +253,36 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _new_file_mode(target: Path) -> int:
-    """The existing file's mode, or what ``open`` would give a new file (0o666 - umask)."""
+    """The existing file's mode, or what ``open`` would give a new file."""
     try:
         return os.stat(target).st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """What ``open`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def new_directory_mode() -> int:
+    """What ``mkdir`` gives a new directory: 0o777 less the umask."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting
+    it to read it would give files another thread creates meanwhile mode 0o666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _fsync(path: Path) -> None:
@@ -211,10 +315,15 @@ def atomic_directory(path: str | Path, *, replace: bool = True) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        # mkdtemp creates it 0700; the directory it becomes is read like any other
+        # (a service account loads a bundle), so it gets a new directory's mode.
+        os.chmod(tmp, new_directory_mode())
         yield tmp
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (named := naming(e, path)) is not None:
+            raise named from e
         raise
     if not replace:
         _rename_unless_present(tmp, path)

@@ -107,7 +107,8 @@ def test_cache_hit_does_not_retrain(
     cfg = config(tmp_path)
     first = train_or_load(SRC, TGT, cfg)
     key = cache_key(SRC, TGT, cfg)
-    assert sorted(p.name for p in (tmp_path / "spm" / key).iterdir()) == ["src.spm", "tgt.spm"]
+    names = sorted(p.name for p in (tmp_path / "spm" / key).iterdir())
+    assert names == ["src.spm", "sums.json", "tgt.spm"]
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("retrained despite a cache hit")
@@ -119,6 +120,33 @@ def test_cache_hit_does_not_retrain(
     assert second.encode_src(SRC) == first.encode_src(SRC)
     with pytest.raises(AssertionError, match="retrained"):  # other settings: new key
         train_or_load(SRC, TGT, config(tmp_path, vocab_size=90))
+
+
+@pytest.mark.parametrize("damage", ["swapped", "replaced", "no_sums"])
+def test_a_cache_whose_models_were_changed_is_trained_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """Swapped, replaced or unvouched-for models in the cache are never used: they
+    would encode every sentence with the wrong pieces, silently."""
+    cfg = config(tmp_path)
+    first = train_or_load(SRC, TGT, cfg)
+    directory = tmp_path / "spm" / cache_key(SRC, TGT, cfg)
+    src, tgt = directory / "src.spm", directory / "tgt.spm"
+    original = {src: src.read_bytes(), tgt: tgt.read_bytes()}
+    if damage == "swapped":
+        src.write_bytes(original[tgt])
+        tgt.write_bytes(original[src])
+    elif damage == "replaced":
+        other = train_or_load(SRC, TGT, config(tmp_path / "other", vocab_size=90))
+        src.write_bytes(other.serialize()["src.spm"])
+    else:
+        (directory / "sums.json").unlink()
+    with caplog.at_level(logging.INFO, logger="seq2seq.data.tokenizer"):
+        second = train_or_load(SRC, TGT, cfg)
+    assert "ignoring the cached tokenizer" in caplog.text
+    assert second.encode_src(SRC) == first.encode_src(SRC)
+    assert second.encode_tgt(TGT) == first.encode_tgt(TGT)
+    assert {path: path.read_bytes() for path in original} == original
 
 
 def test_cache_key_depends_on_data_and_settings(tmp_path: Path) -> None:

@@ -4,14 +4,22 @@ input, and reads confined to their directory."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
+import stat
 import subprocess
+import sys
 
+import numpy as np
 import pytest
+import torch
 
+from seq2seq.config import TrainApp
 from seq2seq.model import bundle
 from seq2seq.runtime import fs
 from seq2seq.runtime.fs import OutputError, check_outputs, replace_on_success
+from tests.helpers import checkout_env, tiny_model
 
 # ----------------------------------------------------------------- outputs vs inputs
 
@@ -117,3 +125,103 @@ def test_reads_stay_inside_their_directory(tmp_path):
     for name, message in cases:
         with pytest.raises(Refused, match=message):
             fs.read_bounded(root, name, 4, error=Refused, within="the box")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_new_directories_and_bundle_files_get_the_umasks_modes(tmp_path, tokenizer, umask):
+    """A service account must be able to read what a training wrote: a bundle's
+    directory and files get what ``mkdir`` and ``open`` give under the umask
+    (not the 0700 of a temporary directory, nor safetensors' 0600)."""
+
+    old = os.umask(umask)
+    try:
+        with fs.atomic_directory(tmp_path / "plain") as tmp:
+            (tmp / "f").write_text("x")
+        path = bundle.save(
+            tmp_path / "b", model=tiny_model(tokenizer), config=TrainApp(), tokenizer=tokenizer
+        )
+        assert (fs.new_file_mode(), fs.new_directory_mode()) == (0o666 & ~umask, 0o777 & ~umask)
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "plain", path):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o666 & ~umask}
+
+
+WRITER = """
+import sys, time
+from seq2seq.runtime.fs import replace_on_success
+with replace_on_success(sys.argv[1]) as out:
+    out.write("partial")
+    out.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """A translation killed mid-write leaves its hidden temporary; the next write of
+    the same output removes it, but never the temporary of a writer still alive."""
+    target = tmp_path / "out.txt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=checkout_env(),
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        (partial,) = (p for p in tmp_path.iterdir() if p.name.startswith(".out.txt."))
+        fs.write_text(target, "first\n")
+        assert partial.exists(), "a live writer's temporary was removed"
+    finally:
+        writer.kill()
+        writer.wait()
+    fs.write_text(target, "second\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert target.read_text() == "second\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_disk_names_the_file():
+    with pytest.raises(OSError, match=r"cannot write /dev/full: No space left"):
+        fs.write_text("/dev/full", "line\n" * 10_000)
+
+
+@pytest.fixture
+def file_size_limit():
+    """Set how large a file may grow: a write beyond fails as on a full disk (EFBIG,
+    or a short write), without filling one."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_that_runs_out_of_room_names_its_file(tmp_path, tokenizer, file_size_limit):
+    """The OS's own messages (``[Errno 27] File too large``, numpy's ``N requested
+    and M written``, torch's ``unexpected pos``) name no file; each failure leaves
+    what was there before and no temporary."""
+    model = tiny_model(tokenizer)
+    fits = bundle.save(tmp_path / "fits", model=model, config=TrainApp(), tokenizer=tokenizer)
+    largest = max(f.stat().st_size for f in fits.iterdir())
+    shutil.rmtree(fits)
+    target = tmp_path / "out.txt"
+    target.write_text("earlier\n")
+    file_size_limit(largest + 4096)
+
+    with pytest.raises(OSError, match=f"cannot write {target}: File too large"):
+        fs.write_text(target, "x" * (largest + 10_000))
+    store = tmp_path / "store"
+    with (
+        pytest.raises(OSError, match=f"cannot write {store}: a short write"),
+        fs.atomic_directory(store) as tmp,
+    ):
+        np.zeros(largest + 10_000, dtype=np.int8).tofile(tmp / "ids")
+    path = tmp_path / "bundle"
+    state = {"big": torch.zeros(largest // 2)}
+    with pytest.raises(OSError, match=f"cannot write {path / bundle.TRAINER_STATE}"):
+        bundle.save(path, model=model, config=TrainApp(), tokenizer=tokenizer, trainer_state=state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert target.read_text() == "earlier\n"
