@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from seq2seq.config import ServeApp
+from seq2seq.config import ServeApp, validate
 from seq2seq.decoding.translator import TextHypothesis, Translator
 from seq2seq.model import bundle as bundle_io
 from seq2seq.runtime import cores
@@ -499,6 +499,7 @@ def _decode_key(body: TranslateRequest, config: ServeApp) -> DecodeKey:
 
 def check_config(config: ServeApp) -> None:
     """Fail at start, naming the key, when a limit or batching setting cannot work."""
+    validate(config)  # the ranges table: NaN, infinities, out-of-range ports
     for name in ("max_batch_sentences", "max_batch_tokens", "max_queue", "max_lines"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)}; it must be at least 1")

@@ -288,6 +288,12 @@ def test_bad_server_settings_are_one_error_line(run_app, arg, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("setting", ["timeout", "body_timeout", "header_timeout"])
+def test_a_nan_setting_is_refused_by_the_app_too(translator, tiny_bundle, setting):
+    with pytest.raises(ValueError, match=f"{setting}=nan"):
+        make_app(translator, tiny_bundle, **{setting: float("nan")})
+
+
 def test_a_connection_cap_above_the_open_file_limit_is_refused(monkeypatch):
     monkeypatch.setattr(serve.resource, "getrlimit", lambda _: (256, 256))
     with pytest.raises(ValueError, match="max_connections=512 needs"):
