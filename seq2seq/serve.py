@@ -5,6 +5,7 @@ Usage::
     seq2seq-serve model=BUNDLE [host=127.0.0.1] [port=8000] [api_key=KEY]
         [decode.beam_size=5] [max_batch_sentences=64] [max_wait_ms=50] [max_queue=256]
         [timeout=30] [max_lines=64] [max_chars=1000] [workers=1] [threads=1] [device=cpu]
+        [header_timeout=10] [body_timeout=30] [max_connections=512] [drain_timeout=30]
 
 The API is described in `seq2seq.service.app` and served as OpenAPI at ``/docs``.
 ``port=0`` picks a free port. Once the model is loaded and the port is bound, one

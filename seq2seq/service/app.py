@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
-from seq2seq.config import ServeApp
+from seq2seq.config import ServeApp, validate
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
 from seq2seq.service.api import (
@@ -122,6 +122,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def check_config(config: ServeApp) -> None:
     """Fail at start, naming the key, when a limit or batching setting cannot work."""
+    validate(config)  # the ranges table: NaN, infinities, out-of-range ports
     for name in ("max_batch_sentences", "max_batch_tokens", "max_queue", "max_lines"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)}; it must be at least 1")

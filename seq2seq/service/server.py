@@ -74,13 +74,13 @@ class GuardedH11Protocol(H11Protocol):
         """Run the head deadline while the connection waits for a request head."""
         if self.transport.is_closing():
             self._cancel_head_timer()
-        elif self.conn.their_state is h11.IDLE and self.cycle_idle():
+        elif self.conn.their_state is h11.IDLE and self._between_requests():
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout, self._head_late)
         else:
             self._cancel_head_timer()
 
-    def cycle_idle(self) -> bool:
+    def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
 
     def _cancel_head_timer(self) -> None:
