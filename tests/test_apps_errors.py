@@ -5,6 +5,7 @@ results as they were."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,7 +18,7 @@ from seq2seq import evaluate, train, translate
 from seq2seq.config import DecodeConfig
 from seq2seq.data.tokenizer import SRC_FILE, TGT_FILE
 from seq2seq.model import bundle
-from tests.helpers import copy_bundle, one_error_line, rewrite_header, weights
+from tests.helpers import checkout_env, copy_bundle, one_error_line, rewrite_header, weights
 
 # ------------------------------------ outputs never clobber inputs or earlier results
 
@@ -235,3 +236,24 @@ def test_damaged_bundles_fail_with_one_line(run_app, tiny_bundle, tmp_path, dama
     code, out, err = run_app(translate.main, f"model={path}", f"input={src}")
     one_error_line(code, err)
     assert message in err and out == ""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_error_lines_stay_whole(tiny_bundle, tmp_path):
+    """Every process of a torchrun job fails alike; each line is written in one
+    write, so the lines on the shared stderr never run into each other."""
+    missing = tmp_path / ("a-long-name-" * 20 + "missing.txt")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", "-m", "seq2seq.translate", f"model={tiny_bundle}"]
+    result = subprocess.run(
+        [*command, f"input={missing}", f"output={tmp_path / 'out.txt'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=checkout_env(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR=""),
+        timeout=300,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 2, result.stderr[-3000:]
+    assert all(line == f"error: input file not found: {missing}" for line in lines), lines

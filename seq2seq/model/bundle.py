@@ -22,11 +22,15 @@ come from safetensors and trainer state through ``torch.load(weights_only=True)`
 Why loading is bounded: a bundle may come from someone else. Every file read
 must be a regular file inside the bundle directory (no symlink out of it, no
 device or FIFO) and within a size limit; ensemble members are plain
-sub-directory names; the configuration is checked against the schema, and the
-weights file's header against the model that configuration and the tokenizer
-describe (names, shapes, byte count), before any tensor is allocated. A bundle
-also records the SHA-256 of its tokenizer files, so swapped or replaced
-SentencePiece models are refused instead of translating garbage.
+sub-directory names; the configuration is read without YAML aliases (a few
+hundred bytes of them expand to gigabytes) or interpolations (``oc.env`` would
+read this machine's environment) and checked against the schema and its
+ranges, and the weights file's header against the model that configuration
+and the tokenizer describe (names, shapes, element types, byte ranges), before
+any tensor is allocated. A bundle also records the SHA-256 of its tokenizer
+files, so swapped or replaced SentencePiece models are refused instead of
+translating garbage, as are NaN weights and ensemble members with different
+tokenizers.
 """
 
 from __future__ import annotations
