@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
+from seq2seq.service.admission import QueueGate
 from seq2seq.service.api import (
     BundleInfo,
     ServiceError,
@@ -217,6 +218,13 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
 
     app = FastAPI(title="seq2seq translation service", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    # Refused at the door while the queue is full, before the body is even read.
+    def refusal() -> str | None:
+        batcher = state.get("batcher")
+        return batcher.refusal() if batcher is not None else None
+
+    app.add_middleware(QueueGate, refusal=refusal)
     app.add_middleware(RequestCounter, metrics=metrics)  # outermost: sees every answer
     _install_error_handlers(app)
     authorized = [Depends(_key_checker(key))]

@@ -327,21 +327,25 @@ class Batcher:
         Raises:
             ServiceError: 503 when the queue is full or the service is stopping.
         """
-        if self._closing or self.queue.sentences + len(lines) > self._config.max_queue:
-            self.stats.rejected += 1
+        reason = self.refusal(len(lines))
+        if reason is not None:
             self.metrics.sentences.labels("rejected").inc(len(lines))
-            reason = "the service is shutting down" if self._closing else "the queue is full"
-            raise ServiceError(
-                503,
-                f"{reason} (max_queue={self._config.max_queue} sentences); retry later",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            raise ServiceError(503, reason, {"Retry-After": str(RETRY_AFTER_SECONDS)})
         loop = asyncio.get_running_loop()
         job = Job(lines, key, loop.create_future(), time.perf_counter())
         self.queue.put(job)
         self.stats.requests += 1
         self._wake.set()
         return job
+
+    def refusal(self, lines: int = 1) -> str | None:
+        """Why ``lines`` more sentences cannot be queued now (counted as a refused
+        request), or None when they can. Synchronous: it never waits."""
+        if not self._closing and self.queue.sentences + lines <= self._config.max_queue:
+            return None
+        self.stats.rejected += 1
+        reason = "the service is shutting down" if self._closing else "the queue is full"
+        return f"{reason} (max_queue={self._config.max_queue} sentences); retry later"
 
     async def answer(self, job: Job) -> list[list[TextHypothesis]]:
         """The n-best lists of ``job``'s lines, once its last line is searched.
