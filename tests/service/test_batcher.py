@@ -276,6 +276,8 @@ def test_a_line_the_tokenizer_refuses_fails_only_its_request(translator, tiny_bu
                 asyncio.create_task(client.post("/translate", json={"q": line}))
                 for line in lines[:4]
             ]
+            await until(lambda: counts(client, requests=4), "all sent")
+            slow.steps.release()  # any that came after the first step enter after it
             await until(lambda: counts(client, requests=4, waiting=0), "searching")
             bad = asyncio.create_task(
                 client.post(
