@@ -49,6 +49,10 @@ __all__ = ["Batcher", "Job", "JobQueue", "Stats", "search_workers"]
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# Waiting sentences enter a running search once they are a quarter of it, or after
+# four steps (`LiveLoop._time_to_enter`).
+ENTRY_SHARE = 4
+ENTRY_STEPS = 4
 
 
 @dataclass(eq=False)
@@ -115,6 +119,11 @@ class JobQueue:
         with self.lock:
             return list(dict.fromkeys(job.key for job in self._jobs))
 
+    def waiting_for(self, key: DecodeKey) -> int:
+        """Sentences waiting with ``key``."""
+        with self.lock:
+            return sum(len(job.lines) for job in self._jobs if job.key == key)
+
     def next_for(self, key: DecodeKey) -> Job | None:
         """The oldest request with ``key``, unless a request with other settings that
         no search serves has waited ``max_wait`` seconds ahead of it."""
@@ -155,6 +164,7 @@ class LiveLoop:
         self._queue = queue
         self._stats, self._metrics = counters
         self._post = post  # runs a callable on the event loop
+        self._deferred = 0  # steps the waiting sentences have been kept out
 
     def run(self) -> None:
         translator = self._translator
@@ -195,6 +205,8 @@ class LiveLoop:
         and tags of their non-empty lines (tokenized here, off the event loop)."""
         sources: list[list[int]] = []
         tags: list[tuple[Job, int]] = []
+        if size and not self._time_to_enter(size):
+            return sources, tags
         full = False
         while (job := self._queue.next_for(self.key)) is not None:
             if job.ids is None:
@@ -233,6 +245,25 @@ class LiveLoop:
             self._post(None, None)  # another search thread may take what does not fit
         self.full = full
         return sources, tags
+
+    def _time_to_enter(self, size: int) -> bool:
+        """Whether waiting sentences enter a batch of ``size`` now: once they are at
+        least ``1 / ENTRY_SHARE`` of it, or have been deferred ``ENTRY_STEPS`` steps.
+
+        Why not at every step: encoding is a sequential pass over the source that
+        costs about as much for a few sentences as for many, so sentences entering
+        one or two at a time would double the search's CPU time per sentence; a
+        few steps' wait lets them enter together, at little cost in latency.
+        """
+        waiting = self._queue.waiting_for(self.key)
+        if not waiting:
+            self._deferred = 0
+            return False
+        if waiting * ENTRY_SHARE >= size or self._deferred >= ENTRY_STEPS:
+            self._deferred = 0
+            return True
+        self._deferred += 1
+        return False
 
     def _record(
         self, translator: Translator, finished: list[tuple[tuple[Job, int], Any]]
