@@ -8,9 +8,11 @@ batch shrinks as its sentences finish while the queue grows. Here each of
 iteration-level scheduling): at every decoding step the sentences that finished are
 answered at once and leave, and waiting sentences with the same decoding settings
 are encoded and enter, up to ``max_batch_sentences`` sentences and
-``max_batch_tokens`` source pieces. A request is answered when its last line is.
-Search treats every sentence independently of its batch-mates, whichever step they
-joined at, so scheduling never changes a translation.
+``max_batch_tokens`` source pieces (together: once they are a quarter of the batch,
+or after a few steps, since encoding a few costs about as much as encoding many).
+A request is answered when its last line is. Search treats every sentence
+independently of its batch-mates, whichever step they joined at, so scheduling never
+changes a translation.
 
 Different decoding settings never share a search: a search takes only requests
 with its settings. So that one setting cannot starve another, a search stops taking
@@ -20,8 +22,9 @@ request. A request is tokenized on the search thread that takes it, so a line th
 tokenizer refuses fails its own request only.
 
 Why bounded: the queue holds at most ``max_queue`` sentences; beyond it a request
-is refused at once with 503 and ``Retry-After`` (decided synchronously, before the
-handler awaits anything), and a request whose answer takes longer than ``timeout``
+is refused at once with 503 and ``Retry-After`` (decided synchronously: at the door
+while the queue is full, `seq2seq.service.admission`, else before the handler
+awaits anything), and a request whose answer takes longer than ``timeout``
 seconds gets 504. On shutdown the batcher finishes every queued request before it
 stops.
 """
