@@ -200,14 +200,11 @@ def check_config(config: ServeApp) -> None:
 
 
 def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> FastAPI:
-    """The FastAPI app: routes, limits, API key and the batcher's life cycle.
-
-    The key is ``config.api_key``, else the ``SEQ2SEQ_API_KEY`` environment variable.
-    """
+    """The FastAPI app: routes, limits, the batcher's life cycle and the API key
+    (``config.api_key``, else the ``SEQ2SEQ_API_KEY`` environment variable)."""
     check_config(config)
     key = config.api_key or os.environ.get(API_KEY_ENV) or None
     state: dict[str, Batcher] = {}
-    metrics = ServiceMetrics()  # this app's own registry
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -218,16 +215,9 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
 
     app = FastAPI(title="seq2seq translation service", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-
-    # Refused at the door while the queue is full, before the body is even read.
-    def refusal() -> str | None:
-        batcher = state.get("batcher")
-        return batcher.refusal() if batcher is not None else None
-
-    app.add_middleware(QueueGate, refusal=refusal)
-    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: sees every answer
-    _install_error_handlers(app)
     authorized = [Depends(_key_checker(key))]
+    metrics = _install_scheduling(app, state, authorized)
+    _install_error_handlers(app)
     started = time.time()
 
     @app.post("/translate", response_model=TranslateResponse, dependencies=authorized)
@@ -235,9 +225,7 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         """Translate ``q``; one translation per line, in order."""
         lines = _check_request(body, config, info)
         decode = _decode_key(body, config)
-        # Queued or refused (503) here, before the first await: a refusal never waits.
-        job = state["batcher"].enqueue(lines, decode)
-        found = await state["batcher"].answer(job)
+        found = await state["batcher"].submit(lines, decode)
         translations = [
             _translation(hyps, nbest=decode.nbest, attention=decode.attention) for hyps in found
         ]
@@ -265,16 +253,33 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         batcher = state.get("batcher")
         return _info(info, config, batcher, uptime=time.time() - started)
 
-    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
-    async def prometheus() -> Response:
-        """Counters, gauges and latency histograms in Prometheus' text format."""
-        return Response(metrics.text(), media_type=CONTENT_TYPE)
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return _page(info, config, needs_key=bool(key))
 
     return app
+
+
+def _install_scheduling(
+    app: FastAPI, state: dict[str, Batcher], authorized: list[Any]
+) -> ServiceMetrics:
+    """The app's metrics (its own registry), ``GET /metrics``, load shedding at the
+    door (503 while the queue is full, before the body is read) and the request
+    counter outside everything, so it sees every answer."""
+    metrics = ServiceMetrics()
+
+    @app.get("/metrics", dependencies=authorized, include_in_schema=False)
+    async def prometheus() -> Response:
+        """Counters, gauges and latency histograms in Prometheus' text format."""
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
+
+    def refusal() -> str | None:
+        batcher = state.get("batcher")
+        return batcher.refusal() if batcher is not None else None
+
+    app.add_middleware(QueueGate, refusal=refusal)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    return metrics
 
 
 def _info(

@@ -400,7 +400,8 @@ class Batcher:
             ) from None
 
     async def submit(self, lines: list[str], key: DecodeKey) -> list[list[TextHypothesis]]:
-        """`enqueue` then `answer`."""
+        """`enqueue` then `answer`: queued or refused (503) before the first await,
+        so a refusal never waits."""
         return await self.answer(self.enqueue(lines, key))
 
     async def _run(self) -> None:
