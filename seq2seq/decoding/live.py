@@ -278,10 +278,14 @@ class LiveBeam(LiveSearch[TagT]):
         longest = int(budget.max()) + 1
         beams = _empty_table(n, k, longest, width, s.attention, self.device)
         beams.scores[:, 0] = 0.0  # one empty hypothesis, the other slots empty
+        finished = _empty_table(n, k, longest, width, s.attention, self.device)
+        if not self.beams.scores.size(0):
+            # An emptied batch starts afresh: its tables' old source width would
+            # outlast its encoder output's and no longer match the attention rows.
+            self.beams, self.finished = beams, finished
+            return
         self.beams = self.beams.joined(beams)
-        self.finished = self.finished.joined(
-            _empty_table(n, k, longest, width, s.attention, self.device)
-        )
+        self.finished = self.finished.joined(finished)
 
     def _select(self, keep: Tensor) -> None:
         self.beams, self.finished = self.beams.rows(keep), self.finished.rows(keep)

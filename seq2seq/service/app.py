@@ -28,6 +28,7 @@ from fastapi_offline import FastAPIOffline
 from seq2seq.config import ServeApp, validate
 from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
+from seq2seq.service.admission import QueueGate
 from seq2seq.service.api import (
     BundleInfo,
     ServiceError,
@@ -142,14 +143,11 @@ def check_config(config: ServeApp) -> None:
 
 def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> FastAPI:
     """The FastAPI app: routes, guards (key, body limits), the page, error answers,
-    metrics and the batcher's life cycle.
-
-    The key is ``config.api_key``, else the ``SEQ2SEQ_API_KEY`` environment variable.
-    """
+    metrics and the batcher's life cycle. The key is ``config.api_key``, else the
+    ``SEQ2SEQ_API_KEY`` environment variable."""
     check_config(config)
     key = config.api_key or os.environ.get(API_KEY_ENV) or None
     state: dict[str, Batcher] = {}
-    metrics = ServiceMetrics()  # this app's own registry
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -168,7 +166,7 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
     app.add_middleware(
         Guard, key=key, limit=config.max_body_bytes, body_timeout=config.body_timeout
     )
-    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: sees every answer
+    metrics = _install_scheduling(app, state)  # outside the guard: sheds load first
     install_error_handlers(app)
     _install_error_handlers(app)
     install_page(
@@ -188,9 +186,7 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         """Translate ``q``; one translation per line, in order."""
         lines = _check_request(body, config, info)
         decode = _decode_key(body, config)
-        # Queued or refused (503) here, before the first await: a refusal never waits.
-        job = state["batcher"].enqueue(lines, decode)
-        found = await state["batcher"].answer(job)
+        found = await state["batcher"].submit(lines, decode)
         translations = [
             _translation(hyps, nbest=decode.nbest, attention=decode.attention) for hyps in found
         ]
@@ -218,12 +214,27 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         batcher = state.get("batcher")
         return _info(info, config, batcher, uptime=time.time() - started)
 
+    return app
+
+
+def _install_scheduling(app: FastAPI, state: dict[str, Batcher]) -> ServiceMetrics:
+    """The app's metrics (its own registry), ``GET /metrics``, load shedding at the
+    door (503 while the queue is full, before the body is read) and the request
+    counter outside everything, so it sees every answer."""
+    metrics = ServiceMetrics()
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         """Counters, gauges and latency histograms in Prometheus' text format."""
         return Response(metrics.text(), media_type=CONTENT_TYPE)
 
-    return app
+    def refusal() -> str | None:
+        batcher = state.get("batcher")
+        return batcher.refusal() if batcher is not None else None
+
+    app.add_middleware(QueueGate, refusal=refusal)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    return metrics
 
 
 def _info(

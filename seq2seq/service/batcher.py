@@ -8,9 +8,11 @@ batch shrinks as its sentences finish while the queue grows. Here each of
 iteration-level scheduling): at every decoding step the sentences that finished are
 answered at once and leave, and waiting sentences with the same decoding settings
 are encoded and enter, up to ``max_batch_sentences`` sentences and
-``max_batch_tokens`` source pieces. A request is answered when its last line is.
-Search treats every sentence independently of its batch-mates, whichever step they
-joined at, so scheduling never changes a translation.
+``max_batch_tokens`` source pieces (together: once they are a quarter of the batch,
+or after a few steps, since encoding a few costs about as much as encoding many).
+A request is answered when its last line is. Search treats every sentence
+independently of its batch-mates, whichever step they joined at, so scheduling never
+changes a translation.
 
 Different decoding settings never share a search: a search takes only requests
 with its settings. So that one setting cannot starve another, a search stops taking
@@ -20,8 +22,9 @@ request. A request is tokenized on the search thread that takes it, so a line th
 tokenizer refuses fails its own request only.
 
 Why bounded: the queue holds at most ``max_queue`` sentences; beyond it a request
-is refused at once with 503 and ``Retry-After`` (decided synchronously, before the
-handler awaits anything), and a request whose answer takes longer than ``timeout``
+is refused at once with 503 and ``Retry-After`` (decided synchronously: at the door
+while the queue is full, `seq2seq.service.admission`, else before the handler
+awaits anything), and a request whose answer takes longer than ``timeout``
 seconds gets 504. On shutdown the batcher finishes every queued request before it
 stops.
 """
@@ -49,6 +52,10 @@ __all__ = ["Batcher", "Job", "JobQueue", "Stats", "search_workers"]
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# Waiting sentences enter a running search once they are a quarter of it, or after
+# four steps (`LiveLoop._time_to_enter`).
+ENTRY_SHARE = 4
+ENTRY_STEPS = 4
 
 
 @dataclass(eq=False)
@@ -115,6 +122,11 @@ class JobQueue:
         with self.lock:
             return list(dict.fromkeys(job.key for job in self._jobs))
 
+    def waiting_for(self, key: DecodeKey) -> int:
+        """Sentences waiting with ``key``."""
+        with self.lock:
+            return sum(len(job.lines) for job in self._jobs if job.key == key)
+
     def next_for(self, key: DecodeKey) -> Job | None:
         """The oldest request with ``key``, unless a request with other settings that
         no search serves has waited ``max_wait`` seconds ahead of it."""
@@ -155,6 +167,7 @@ class LiveLoop:
         self._queue = queue
         self._stats, self._metrics = counters
         self._post = post  # runs a callable on the event loop
+        self._deferred = 0  # steps the waiting sentences have been kept out
 
     def run(self) -> None:
         translator = self._translator
@@ -195,6 +208,8 @@ class LiveLoop:
         and tags of their non-empty lines (tokenized here, off the event loop)."""
         sources: list[list[int]] = []
         tags: list[tuple[Job, int]] = []
+        if size and not self._time_to_enter(size):
+            return sources, tags
         full = False
         while (job := self._queue.next_for(self.key)) is not None:
             if job.ids is None:
@@ -233,6 +248,25 @@ class LiveLoop:
             self._post(None, None)  # another search thread may take what does not fit
         self.full = full
         return sources, tags
+
+    def _time_to_enter(self, size: int) -> bool:
+        """Whether waiting sentences enter a batch of ``size`` now: once they are at
+        least ``1 / ENTRY_SHARE`` of it, or have been deferred ``ENTRY_STEPS`` steps.
+
+        Why not at every step: encoding is a sequential pass over the source that
+        costs about as much for a few sentences as for many, so sentences entering
+        one or two at a time would double the search's CPU time per sentence; a
+        few steps' wait lets them enter together, at little cost in latency.
+        """
+        waiting = self._queue.waiting_for(self.key)
+        if not waiting:
+            self._deferred = 0
+            return False
+        if waiting * ENTRY_SHARE >= size or self._deferred >= ENTRY_STEPS:
+            self._deferred = 0
+            return True
+        self._deferred += 1
+        return False
 
     def _record(
         self, translator: Translator, finished: list[tuple[tuple[Job, int], Any]]
@@ -327,21 +361,25 @@ class Batcher:
         Raises:
             ServiceError: 503 when the queue is full or the service is stopping.
         """
-        if self._closing or self.queue.sentences + len(lines) > self._config.max_queue:
-            self.stats.rejected += 1
+        reason = self.refusal(len(lines))
+        if reason is not None:
             self.metrics.sentences.labels("rejected").inc(len(lines))
-            reason = "the service is shutting down" if self._closing else "the queue is full"
-            raise ServiceError(
-                503,
-                f"{reason} (max_queue={self._config.max_queue} sentences); retry later",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            raise ServiceError(503, reason, {"Retry-After": str(RETRY_AFTER_SECONDS)})
         loop = asyncio.get_running_loop()
         job = Job(lines, key, loop.create_future(), time.perf_counter())
         self.queue.put(job)
         self.stats.requests += 1
         self._wake.set()
         return job
+
+    def refusal(self, lines: int = 1) -> str | None:
+        """Why ``lines`` more sentences cannot be queued now (counted as a refused
+        request), or None when they can. Synchronous: it never waits."""
+        if not self._closing and self.queue.sentences + lines <= self._config.max_queue:
+            return None
+        self.stats.rejected += 1
+        reason = "the service is shutting down" if self._closing else "the queue is full"
+        return f"{reason} (max_queue={self._config.max_queue} sentences); retry later"
 
     async def answer(self, job: Job) -> list[list[TextHypothesis]]:
         """The n-best lists of ``job``'s lines, once its last line is searched.
@@ -362,7 +400,8 @@ class Batcher:
             ) from None
 
     async def submit(self, lines: list[str], key: DecodeKey) -> list[list[TextHypothesis]]:
-        """`enqueue` then `answer`."""
+        """`enqueue` then `answer`: queued or refused (503) before the first await,
+        so a refusal never waits."""
         return await self.answer(self.enqueue(lines, key))
 
     async def _run(self) -> None:

@@ -10,7 +10,8 @@ Series (all names start with ``seq2seq_``):
 - ``requests_total{status}``: ``POST /translate`` answers by HTTP status;
 - ``sentences_total{status}``: their lines by outcome (``translated``, ``rejected``
   for 503, ``timed_out`` for 504, ``failed`` for an error in search or in
-  tokenizing its own request);
+  tokenizing its own request); a request refused while the queue is full is
+  refused before its body is read, so its lines are not counted;
 - ``queue_sentences``: sentences waiting to enter a search;
 - ``live_sentences`` and ``live_searches``: sentences being searched now, and the
   live batches searching them; ``live_batch_sentences``: a histogram of the batch

@@ -111,6 +111,17 @@ def test_other_models_join_too(tokenizer, lines, kind):
             assert_same(hyps, translator.hypotheses([line], attention=True)[0], attention=True)
 
 
+@pytest.mark.parametrize(("beam_size", "nbest"), SETTINGS)
+def test_a_batch_that_emptied_takes_narrower_sentences(tokenizer, lines, beam_size, nbest):
+    """The longest line alone, then (after the batch has emptied) the shortest: the
+    second translates as alone, attention included."""
+    translator = make(lively_model(tokenizer), tokenizer, beam_size, nbest)
+    pair = [max(lines, key=len), min(lines, key=len)]
+    got = run_live(translator, pair, [0, 200], attention=True)
+    for line, hyps in zip(pair, got, strict=True):
+        assert_same(hyps, translator.hypotheses([line], attention=True)[0], attention=True)
+
+
 def test_an_empty_live_batch_steps_to_nothing(tokenizer):
     live = make(lively_model(tokenizer), tokenizer, 2, 1).live(attention=False)
     assert live.step() == [] and live.size == 0

@@ -233,9 +233,10 @@ def test_decode_settings_never_share_a_search(translator, tiny_bundle, lines):
 
 
 def test_a_full_queue_refuses_before_the_running_search_ends(translator, tiny_bundle):
-    """A search is held mid-way while one request waits: a further request is refused
+    """A search is held mid-way while one request waits: further requests are refused
     with 503 and Retry-After while the search is still held (the refusal does not
-    wait for it); the accepted ones finish once it goes on."""
+    wait for it), before their bodies are read; the accepted ones finish once it
+    goes on."""
     slow = stepped(translator)
     app = make_app(slow, tiny_bundle, workers=1, max_queue=1, max_batch_sentences=1)
 
@@ -248,13 +249,17 @@ def test_a_full_queue_refuses_before_the_running_search_ends(translator, tiny_bu
             queued = asyncio.create_task(client.post("/translate", json={"q": "d e"}))
             await until(lambda: counts(client, requests=2, waiting=1), "one waiting")
             refused = await client.post("/translate", json={"q": "f"})
+            unread = await client.post(  # refused before its body is read or parsed
+                "/translate", content=b'{"q": ', headers={"content-type": "application/json"}
+            )
             held = (slow.steps.taken, running.done(), queued.done())
             slow.steps.open()
-            return refused, held, [await t for t in (running, queued)]
+            return [refused, unread], held, [await t for t in (running, queued)]
 
-    refused, held, accepted = asyncio.run(scenario())
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert "max_queue=1" in refused.json()["error"]
+    refusals, held, accepted = asyncio.run(scenario())
+    for refused in refusals:
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "max_queue=1" in refused.json()["error"]
     assert held == (2, False, False)
     assert [r.status_code for r in accepted] == [200, 200]
 
@@ -276,6 +281,8 @@ def test_a_line_the_tokenizer_refuses_fails_only_its_request(
                 asyncio.create_task(client.post("/translate", json={"q": line}))
                 for line in lines[:4]
             ]
+            await until(lambda: counts(client, requests=4), "all sent")
+            slow.steps.release()  # any that came after the first step enter after it
             await until(lambda: counts(client, requests=4, waiting=0), "searching")
             bad = asyncio.create_task(
                 client.post(
