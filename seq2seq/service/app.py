@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -156,29 +156,8 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         yield
         await batcher.close()
 
-    # Swagger UI and ReDoc from files shipped in the package, not from a CDN.
-    app: FastAPI = FastAPIOffline(
-        title="seq2seq translation service",
-        lifespan=lifespan,
-        static_url="/docs-assets",
-        swagger_ui_parameters={"validatorUrl": None},
-    )
-    app.add_middleware(
-        Guard, key=key, limit=config.max_body_bytes, body_timeout=config.body_timeout
-    )
+    app = _web_app(config, info, key, lifespan)
     metrics = _install_scheduling(app, state)  # outside the guard: sheds load first
-    install_error_handlers(app)
-    _install_error_handlers(app)
-    install_page(
-        app,
-        render_page(
-            source=info.source_language,
-            target=info.target_language,
-            beam_size=config.decode.beam_size,
-            max_beam_size=config.max_beam_size,
-            needs_key=bool(key),
-        ),
-    )
     started = time.time()
 
     @app.post("/translate", response_model=TranslateResponse)
@@ -214,6 +193,35 @@ def create_app(translator: Translator, config: ServeApp, info: BundleInfo) -> Fa
         batcher = state.get("batcher")
         return _info(info, config, batcher, uptime=time.time() - started)
 
+    return app
+
+
+def _web_app(
+    config: ServeApp, info: BundleInfo, key: str | None, lifespan: Callable[[FastAPI], Any]
+) -> FastAPI:
+    """The app with its web plumbing: offline docs, the guard, error answers, the page."""
+    # Swagger UI and ReDoc from files shipped in the package, not from a CDN.
+    app: FastAPI = FastAPIOffline(
+        title="seq2seq translation service",
+        lifespan=lifespan,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    app.add_middleware(
+        Guard, key=key, limit=config.max_body_bytes, body_timeout=config.body_timeout
+    )
+    install_error_handlers(app)
+    _install_error_handlers(app)
+    install_page(
+        app,
+        render_page(
+            source=info.source_language,
+            target=info.target_language,
+            beam_size=config.decode.beam_size,
+            max_beam_size=config.max_beam_size,
+            needs_key=bool(key),
+        ),
+    )
     return app
 
 
