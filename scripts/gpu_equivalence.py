@@ -42,7 +42,8 @@ import torch
 
 from seq2seq.config import ModelConfig, RnnImpl
 from seq2seq.decoding import inference
-from seq2seq.decoding.search import beam_search, greedy
+from seq2seq.decoding.beam import beam_search
+from seq2seq.decoding.search import greedy
 from seq2seq.model.model import Seq2Seq
 
 TOLERANCES = {

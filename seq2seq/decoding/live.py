@@ -26,15 +26,12 @@ import torch
 from torch import Tensor
 
 from seq2seq.data.batching import pad
+from seq2seq.decoding.beam import _beam_slots, _flat_rows, _pick, _top_candidates
 from seq2seq.decoding.joining import MIN_WIDTH, cat_rows, grow, join, width_of
 from seq2seq.decoding.search import (
     NEG_INF,
     Hypothesis,
     Searchable,
-    _beam_slots,
-    _flat_rows,
-    _pick,
-    _top_candidates,
     _worth_compacting,
     length_penalty,
     max_lengths,
@@ -265,7 +262,7 @@ def _empty_table(
 
 
 class LiveBeam(LiveSearch[TagT]):
-    """`search.beam_search` over a live batch: each sentence at its own step."""
+    """`beam.beam_search` over a live batch: each sentence at its own step."""
 
     def __init__(self, model: Searchable, settings: LiveSettings, device: torch.device) -> None:
         super().__init__(model, settings, device)
@@ -352,7 +349,7 @@ class LiveBeam(LiveSearch[TagT]):
         return rows
 
     def _finalise(self, candidates: Any, step_attn: Tensor | None) -> None:
-        """EOS candidates among the top K join the finished set (`search._finalise`)."""
+        """EOS candidates among the top K join the finished set (`beam._finalise`)."""
         s, k = self.settings, self.settings.beam_size
         origin = candidates.beams[:, :k]
         log_probs = candidates.scores[:, :k]
@@ -385,7 +382,7 @@ class LiveBeam(LiveSearch[TagT]):
         )
 
     def _advance(self, candidates: Any, step_attn: Tensor | None) -> Tensor:
-        """The first K non-EOS candidates become the beams (`search._advance`); returns
+        """The first K non-EOS candidates become the beams (`beam._advance`); returns
         their parents."""
         s, k = self.settings, self.settings.beam_size
         width = candidates.scores.size(1)
@@ -403,7 +400,7 @@ class LiveBeam(LiveSearch[TagT]):
         return origin
 
     def _hypotheses(self, i: int) -> list[Hypothesis]:
-        """Sentence ``i``'s best ``nbest`` finished hypotheses (`search._beam_hypotheses`)."""
+        """Sentence ``i``'s best ``nbest`` finished hypotheses (`beam._beam_hypotheses`)."""
         f = self.finished
         scores, lengths = f.scores[i].tolist(), f.lengths[i].tolist()
         log_probs = f.log_probs[i].tolist()

@@ -36,9 +36,10 @@ from seq2seq.config import DecodeConfig, validate
 from seq2seq.data.batching import pad
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from seq2seq.decoding import inference
+from seq2seq.decoding.beam import beam_search
 from seq2seq.decoding.ensemble import for_search
 from seq2seq.decoding.live import LiveBeam, LiveGreedy, LiveSettings, live_search
-from seq2seq.decoding.search import Hypothesis, Searchable, beam_search, greedy
+from seq2seq.decoding.search import Hypothesis, Searchable, greedy
 from seq2seq.model import bundle as bundle_io
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.model.model import Seq2Seq

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from seq2seq.decoding.beam import beam_search
 from seq2seq.decoding.search import (
     Hypothesis,
-    beam_search,
     greedy,
     length_penalty,
     max_lengths,

@@ -8,7 +8,8 @@ import torch
 
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from seq2seq.decoding import inference, search
-from seq2seq.decoding.search import beam_search, greedy
+from seq2seq.decoding.beam import beam_search
+from seq2seq.decoding.search import greedy
 from tests.helpers import lively_model
 
 SOURCES = [[5, 9, 14, 7, 22], [31, 8], [12, 40, 17, 6, 3, 19, 25], [44]]

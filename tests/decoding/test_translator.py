@@ -10,7 +10,7 @@ import torch
 from seq2seq.config import DecodeConfig, ModelConfig, TrainApp
 from seq2seq.data.batching import pad
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID
-from seq2seq.decoding.search import beam_search
+from seq2seq.decoding.beam import beam_search
 from seq2seq.decoding.translator import TextHypothesis, Translator, check_decode
 from seq2seq.model import bundle
 from seq2seq.runtime.device import pick_device

@@ -12,7 +12,8 @@ from torch import nn
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.decoding import inference
-from seq2seq.decoding.search import beam_search, greedy, next_tokens
+from seq2seq.decoding.beam import beam_search
+from seq2seq.decoding.search import greedy, next_tokens
 from seq2seq.model import softmax
 from seq2seq.model.loss import masked_cross_entropy
 from tests.helpers import lively_model, tiny_model
