@@ -38,6 +38,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seq2seq.config import TrainApp
 
 FORMATS = ("text", "tsv", "jsonl", "parquet", "arrow")
 Writer = Callable[[Path, list[str], list[str]], Path]
@@ -199,7 +203,7 @@ def spm_rates(overrides: list[str], threads: int) -> dict:
     return result
 
 
-def _compose(overrides: list[str]):  # -> TrainApp
+def _compose(overrides: list[str]) -> TrainApp:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
