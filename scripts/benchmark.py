@@ -23,19 +23,12 @@ Each part runs in its own process, so peak RSS is that part's own:
   Each is the median of ``--reps`` runs: on a shared 2-core VM one run varied
   by up to 40% from the next.
 
-* ``scale``: corpus size. Builds Multi30k's training split repeated to each
-  ``--sizes`` (each copy's lines end in a different number, so no two lines
-  repeat) under ``--scale-dir``, and reports per size, one JSON line each:
-  SentencePiece training time, first encoding into the token store (seconds,
-  pairs/s, and one process's SentencePiece-only rate for scale), opening the
-  cached tokenizer and store again, and then a real ``seq2seq.train`` child
-  process of ``--scale-steps`` steps on the cached data: wall time, time from
-  the command to its first step, peak RSS (the child's own, from ``wait4``)
-  and the median training tokens/s after the first five steps. Size 0 is the
-  original corpus itself, the baseline for every other size.
+* ``scale``: corpus size and format, in ``benchmark_scale.py`` (read its docstring):
+  peak RSS and wall of training runs on 29 k to millions of pairs, first and
+  cached, and first-run encoding against SentencePiece's own threaded rate.
 
         python scripts/benchmark.py scale --data-dir $SEQ2SEQ_MULTI30K \
-            --scale-dir /tmp/scale --experiment multi30k_en_de_25min
+            --scale-dir /tmp/scale --experiment multi30k_en_de_25min --formats text tsv
 
 Nothing here is a test: speed is measured, never asserted.
 """
@@ -43,24 +36,20 @@ Nothing here is a test: speed is measured, never asserted.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from seq2seq.config import TrainApp
-    from seq2seq.data.tokenizer import Tokenizer
     from seq2seq.decoding.translator import Translator
 
 
@@ -296,190 +285,6 @@ def _translate_process(args: argparse.Namespace, src: Path, beam: int) -> float:
 # ------------------------------------------------------------------------- scale
 
 
-def _open_for_writing(path: Path, *, gz: bool) -> TextIO:
-    if gz:
-        return gzip.open(path, "wt", encoding="utf-8", compresslevel=1)
-    return path.open("w", encoding="utf-8")
-
-
-def write_repeated_corpus(data_dir: Path, out: Path, pairs: int) -> Path:
-    """Multi30k's training split repeated to ``pairs`` lines, copy r ending in " r".
-
-    Plain text above 100k pairs (gzip would dominate the time to write it); the
-    validation and test files are linked, not copied.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if pairs <= 100_000 else ""
-    sides = {}
-    for lang in ("en", "de"):
-        with gzip.open(data_dir / f"train.{lang}.gz", "rt", encoding="utf-8") as handle:
-            sides[lang] = handle.read().splitlines()
-        for stem in ("val", "test_2016_flickr"):
-            link = out / f"{stem}.{lang}.gz"
-            if not link.exists():
-                link.symlink_to((data_dir / f"{stem}.{lang}.gz").resolve())
-    for lang, lines in sides.items():
-        path = out / f"train.{lang}{suffix}"
-        if path.exists():
-            continue
-        tmp = path.with_name(path.name + ".tmp")
-        with _open_for_writing(tmp, gz=bool(suffix)) as handle:
-            for n in range(pairs):
-                handle.write(f"{lines[n % len(lines)]} {n // len(lines)}\n")
-        tmp.rename(path)
-    return out
-
-
-def _scale_config(args: argparse.Namespace, data_dir: Path, cache: Path) -> list[str]:
-    return [
-        f"experiment={args.experiment}",
-        f"data.dir={data_dir}",
-        f"tokenizer.cache_dir={cache / 'spm'}",
-        f"data.cache_dir={cache / 'tokens'}",
-        *args.override,
-    ]
-
-
-def _compose(overrides: list[str]) -> TrainApp:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from seq2seq._hydra import register_configs
-    from seq2seq.config import conf_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
-        return OmegaConf.to_object(cfg)
-
-
-def _spm_rate(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> float:
-    """Pairs/s of SentencePiece alone, in this one process: the encoder's own ceiling."""
-    start = time.perf_counter()
-    tokenizer.encode_src([s for s, _ in pairs])
-    tokenizer.encode_tgt([t for _, t in pairs])
-    return len(pairs) / (time.perf_counter() - start)
-
-
-def prepare_timings(overrides: list[str]) -> dict:
-    """Tokenizer training, first encoding and the cached reopening, timed in this process."""
-    from itertools import islice
-
-    from seq2seq.data import store as tokdata
-    from seq2seq.data.corpus import train_source
-    from seq2seq.data.tokenizer import source_cache_key, train_or_load_pairs
-
-    config = _compose(overrides)
-    data, tok_cfg = config.data, config.tokenizer
-    start = time.perf_counter()
-    source = train_source(data)
-    tokenizer = train_or_load_pairs(
-        source.pairs, source_cache_key(source.fingerprint, tok_cfg), tok_cfg
-    )
-    tokenizer_s = time.perf_counter() - start
-    workers = data.num_workers or len(os.sched_getaffinity(0))
-    start = time.perf_counter()
-    store = tokdata.open_or_build(
-        source,
-        tokenizer,
-        directory=tokdata.cache_dir(data, tok_cfg),
-        filters=tokdata.Filters(data.max_length, data.max_ratio),
-        workers=workers,
-    )
-    encode_s = time.perf_counter() - start
-    lines = json.loads((store.path / tokdata.HEADER).read_text())["lines"]
-    start = time.perf_counter()
-    tokdata.prepare(data, tok_cfg)
-    cached_s = time.perf_counter() - start
-    return {
-        "pairs": lines,
-        "pairs_kept": len(store),
-        "tokenizer_train_s": round(tokenizer_s, 2),
-        "encode_s": round(encode_s, 2),
-        "encode_pairs_per_s": round(lines / encode_s),
-        "encode_workers": workers,
-        "spm_one_process_pairs_per_s": round(
-            _spm_rate(tokenizer, list(islice(source.pairs(), 50_000)))
-        ),
-        "cached_open_s": round(cached_s, 3),
-        "store_mb": round(sum(p.stat().st_size for p in store.path.iterdir()) / 2**20, 1),
-    }
-
-
-def train_child(overrides: list[str], run_dir: Path, steps: int) -> dict:
-    """One ``seq2seq.train`` process: wall, time to its first step, peak RSS, tokens/s.
-
-    The first step is seen when its record reaches ``metrics.jsonl`` (``log_every=1``),
-    polled every 20 ms; peak RSS is the child's own, from ``wait4``.
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "seq2seq.train",
-        *overrides,
-        f"run_dir={run_dir}",
-        f"train.max_steps={steps}",
-        "train.log_every=1",
-        "train.valid_every=100000",
-        "train.valid_max_sentences=200",
-        "train.max_time=0",
-    ]
-    metrics = run_dir / "metrics.jsonl"
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_step = None
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if first_step is None and metrics.exists() and '"train"' in metrics.read_text():
-            first_step = time.perf_counter() - start
-        if pid:
-            break
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"training failed: {' '.join(cmd)}")
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if r["kind"] == "train" and r["step"] > 5]
-    return {
-        "wall_s": round(wall, 2),
-        "first_step_s": round(first_step or wall, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
-        "train_tokens_per_s": round(statistics.median(rates)) if rates else None,
-    }
-
-
-def bench_scale(args: argparse.Namespace) -> list[dict]:
-    """The original corpus, then each size: prepare timings and a training child."""
-    data_dir = Path(args.data_dir).resolve()
-    root = Path(args.scale_dir)
-    results = []
-    for size in args.sizes:
-        corpus = (
-            data_dir if size == 0 else write_repeated_corpus(data_dir, root / f"m30k_{size}", size)
-        )
-        cache = root / f"cache_{size or 'base'}"
-        shutil.rmtree(cache, ignore_errors=True)
-        overrides = _scale_config(args, corpus, cache)
-        code = (
-            "import json, sys; sys.path.insert(0, sys.argv[1]); import benchmark; "
-            "print(json.dumps(benchmark.prepare_timings(json.loads(sys.argv[2]))))"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(overrides)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        result = {"corpus": str(corpus), **json.loads(out.strip().splitlines()[-1])}
-        for run in range(args.scale_runs):
-            run_dir = cache / f"run{run}"
-            result[f"train_run{run}"] = train_child(overrides, run_dir, args.scale_steps)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-    return results
-
-
 def _without_json(argv: list[str]) -> list[str]:
     """The parent writes the combined report; children only print theirs."""
     out, skip = [], False
@@ -534,6 +339,9 @@ def main() -> None:
     parser.add_argument("--scale-dir", default="/tmp/seq2seq-scale", help="corpora and caches")
     parser.add_argument("--scale-steps", type=int, default=20, help="steps of each training run")
     parser.add_argument("--scale-runs", type=int, default=2, help="training runs per size")
+    parser.add_argument(
+        "--formats", nargs="+", default=["text"], help="text, tsv, jsonl, parquet, arrow"
+    )
     args = parser.parse_args()
     if args.part == "all":
         report = {}
@@ -548,7 +356,9 @@ def main() -> None:
     elif args.part == "scale":
         if not args.data_dir:
             parser.error("scale needs --data-dir (Multi30k's directory)")
-        report = bench_scale(args)
+        import benchmark_scale
+
+        report = benchmark_scale.bench_scale(args)
     else:
         if not args.bundle or not args.data_dir:
             parser.error("decode needs --bundle and --data-dir")

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from seq2seq import train
 from seq2seq._hydra import register_configs
 from seq2seq.config import (
     RANGES,
@@ -111,6 +112,12 @@ def test_a_named_experiment_keeps_its_corpus_and_recipe(experiment):
     for group in ("tokenizer", "model", "optim", "train"):
         for key, value in recipe.get(group, {}).items():
             assert config[group][key] == value, f"{group}.{key}"
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.tgt_lang=fr"], ["experiment=builtin_en_de"]])
+def test_the_builtin_corpus_with_its_recipe_is_not_refused(overrides):
+    config = OmegaConf.to_object(_compose("train", ["run_dir=x", *overrides]))
+    train.check_recipe(config, "builtin")  # the recipe data=builtin chose
 
 
 def test_command_line_beats_the_corpus_recipe():

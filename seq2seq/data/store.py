@@ -167,7 +167,12 @@ class _Encoder:
 
     def __call__(self, chunk: Chunk) -> _Encoded:
         src, tgt, empty = clean(chunk.src, chunk.tgt)
-        rows = (self.tokenizer.encode_src(src), self.tokenizer.encode_tgt(tgt))
+        # One SentencePiece thread per call: the pool already runs one call per core,
+        # and its default of a thread per core inside each call oversubscribes them.
+        rows = (
+            self.tokenizer.src.encode(src, out_type=int, num_threads=1),
+            self.tokenizer.tgt.encode(tgt, out_type=int, num_threads=1),
+        )
         lengths = [np.fromiter(map(len, side), np.int64, count=len(side)) for side in rows]
         keep = within_limits(
             lengths[0], lengths[1], self.filters.max_length, self.filters.max_ratio
