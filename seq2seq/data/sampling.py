@@ -18,25 +18,26 @@ Why it works this way:
   i)`` alone, so neither chunking nor threads change an epoch: a resumed run and
   every torchrun process build exactly the epoch an uninterrupted run builds.
 * Whole epochs, not batches, are sampled, because batching packs pairs by their
-  lengths, which sampling changes. Each epoch is written to unlinked files on disk
-  and mapped back like the token store, so memory stays flat for any corpus and
-  nothing is left behind if the process dies. Besides the epoch being trained,
-  only the next one is written, in the background, so only the first is waited for.
+  lengths, which sampling changes. A worker process writes each epoch to files
+  beside the token store, mapped back like it and unlinked at once, so memory
+  stays flat for any corpus. Besides the epoch being trained, only the next one is
+  written, in the background, so only the first is waited for.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import math
+import multiprocessing
+import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from itertools import accumulate, chain, pairwise
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import BinaryIO
 
@@ -262,8 +263,9 @@ def _rows(flat: FlatIds, start: int, stop: int) -> list[np.ndarray]:
 class SampledEpochs:
     """The training pairs of each epoch, segmented afresh from ``(seed, epoch)``.
 
-    One thread writes them: the samplers are Python, which more threads would not
-    speed up, and one thread leaves the cores to training.
+    One worker process writes them. A thread would not do: the samplers are Python,
+    and a thread holding the interpreter lock between training's operations slows
+    every step of the loop (measured, docs/benchmarks.md).
     """
 
     def __init__(
@@ -276,82 +278,122 @@ class SampledEpochs:
         seed: int,
         directory: Path | None = None,
     ) -> None:
-        self.resampler = Resampler(store, tokenizer, model_type=model_type, alpha=alpha, seed=seed)
         self.store = store
-        self.directory = directory
-        self.writer: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            1, thread_name_prefix="sample-epoch"
+        self.root = Path(tempfile.mkdtemp(prefix=".sampled-", dir=directory))
+        source = store.path if store.path is not None else (store.src, store.tgt)
+        models = tokenizer.serialize()
+        settings = (source, models, str(model_type), alpha, seed, self.root, CHUNK_PAIRS)
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
+        self.conn, theirs = context.Pipe()
+        self.worker: BaseProcess | None = context.Process(
+            target=_serve, args=(theirs, settings), name="sample-epochs", daemon=True
         )
-        self.ahead: tuple[int, Future[TokenStore]] | None = None
-        self.stopping = threading.Event()  # set: the epoch being written is not wanted
+        self.worker.start()
+        theirs.close()
+        self.pending: int | None = None  # the epoch the worker is writing
 
     def epoch(self, epoch: int) -> TokenStore:
         """Epoch ``epoch``'s pairs (sampled now unless written ahead); the next epoch
         is then written in the background."""
-        if self.writer is None:
+        if self.worker is None:
             raise RuntimeError("the sampled epochs were closed")
-        if self.ahead is not None and self.ahead[0] == epoch:
-            data = self.ahead[1].result()
-        else:
-            self._drop_ahead()
+        if self.pending != epoch:
+            if self.pending is not None:
+                shutil.rmtree(self._receive(), ignore_errors=True)  # an epoch nobody reads
             start = time.monotonic()
-            data = self._write(epoch)
+            self._request(epoch)
+            directory = self._receive()
             logger.info("sampled epoch %d's segmentation in %.1fs", epoch, time.monotonic() - start)
-        self.ahead = (epoch + 1, self.writer.submit(self._write, epoch + 1))
+        else:
+            directory = self._receive()
+        try:
+            data = _open(directory, self.store)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)  # the maps keep the data alive
+        self._request(epoch + 1)
         return data
 
     def close(self) -> None:
-        """Stop the writer; the files go when their maps do."""
-        self._drop_ahead()
-        if self.writer is not None:
-            self.writer.shutdown(wait=True)
-            self.writer = None
+        """Stop the worker and remove what it wrote."""
+        if self.worker is not None:
+            self.worker.terminate()
+            self.worker.join()
+            self.worker = None
+            self.conn.close()
+        shutil.rmtree(self.root, ignore_errors=True)
 
-    def _drop_ahead(self) -> None:
-        if self.ahead is not None:
-            self.stopping.set()
-            with contextlib.suppress(Exception):  # an epoch nobody reads: why it ended is moot
-                self.ahead[1].result()
-            self.stopping.clear()
-            self.ahead = None
+    def _request(self, epoch: int) -> None:
+        self.conn.send(epoch)
+        self.pending = epoch
 
-    def _write(self, epoch: int) -> TokenStore:
-        """Sample every chunk and append the results in pair order."""
-        files = {
-            f"{side}.{kind}": tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115
-            for side in SIDES
-            for kind in ("ids", "len")
-        }
+    def _receive(self) -> Path:
         try:
-            for start in range(0, len(self.store), CHUNK_PAIRS):
-                if self.stopping.is_set():
-                    raise _Dropped
-                chunk = self.resampler(epoch, start, min(start + CHUNK_PAIRS, len(self.store)))
-                for side, (ids, lengths) in zip(SIDES, chunk, strict=True):
-                    ids.tofile(files[f"{side}.ids"])
-                    lengths.tofile(files[f"{side}.len"])
-            sides = []
-            for side, flat in zip(SIDES, (self.store.src, self.store.tgt), strict=True):
-                lengths = _map(files[f"{side}.len"], np.int32)
-                offsets = np.zeros(len(lengths) + 1, np.int64)
-                np.cumsum(lengths, out=offsets[1:])
-                sides.append(FlatIds(_map(files[f"{side}.ids"], flat.ids.dtype), offsets, lengths))
-        finally:
-            for handle in files.values():
-                handle.close()  # unlinked already: the maps keep the data alive
-        return TokenStore(sides[0], sides[1], counts=self.store.counts)
+            reply = self.conn.recv()
+        except EOFError as e:
+            raise RuntimeError("the process sampling the training epochs died") from e
+        self.pending = None
+        if isinstance(reply, BaseException):
+            raise reply
+        return Path(reply)
 
 
-class _Dropped(Exception):
-    """The epoch being written was dropped before it was done."""
+Settings = tuple[Path | tuple[FlatIds, FlatIds], dict[str, bytes], str, float, int, Path, int]
 
 
-def _map(handle: BinaryIO, dtype: np.dtype | type) -> np.ndarray:
-    """A read-only map of a whole written file (an empty array for an empty file)."""
-    handle.flush()
-    if handle.seek(0, 2) == 0:
+def _serve(conn: Connection, settings: Settings) -> None:
+    """The worker: write each epoch asked for and answer with its directory."""
+    source, models, model_type, alpha, seed, root, chunk = settings
+    store = TokenStore.open(source) if isinstance(source, Path) else TokenStore(*source)
+    tokenizer = Tokenizer.from_serialized(models)
+    resampler = Resampler(store, tokenizer, model_type=model_type, alpha=alpha, seed=seed)
+    while True:
+        try:
+            epoch = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(str(_write(resampler, epoch, root / f"epoch-{epoch}", chunk)))
+        except Exception as e:  # handed to the trainer, which raises it
+            conn.send(e)
+
+
+def _write(resampler: Resampler, epoch: int, directory: Path, chunk: int) -> Path:
+    """Sample every chunk and append the results in pair order to ``directory``."""
+    store = resampler.store
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    files: dict[str, BinaryIO] = {}
+    try:
+        for side in SIDES:
+            files[f"{side}.ids"] = (directory / f"{side}.ids").open("wb")
+            files[f"{side}.len"] = (directory / f"{side}.len").open("wb")
+        for start in range(0, len(store), chunk):
+            sampled = resampler(epoch, start, min(start + chunk, len(store)))
+            for side, (ids, lengths) in zip(SIDES, sampled, strict=True):
+                ids.tofile(files[f"{side}.ids"])
+                lengths.tofile(files[f"{side}.len"])
+    finally:
+        for handle in files.values():
+            handle.close()
+    return directory
+
+
+def _open(directory: Path, store: TokenStore) -> TokenStore:
+    """Map one written epoch as a TokenStore with the store's id types and counts."""
+    sides = []
+    for side, flat in zip(SIDES, (store.src, store.tgt), strict=True):
+        lengths = _map(directory / f"{side}.len", np.dtype(np.int32))
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        sides.append(FlatIds(_map(directory / f"{side}.ids", flat.ids.dtype), offsets, lengths))
+    return TokenStore(sides[0], sides[1], counts=store.counts)
+
+
+def _map(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A read-only map of a whole file (an empty array for an empty file)."""
+    if path.stat().st_size == 0:
         return np.zeros(0, dtype)
-    return np.memmap(handle, dtype=dtype, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def pair_lengths(store: TokenStore) -> np.ndarray:

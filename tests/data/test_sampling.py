@@ -172,12 +172,14 @@ def test_unigram_sampling_follows_the_model(tokenizer: Tokenizer, pairs: list[tu
     assert best_share(0.5) > best_share(0.05)
 
 
-def test_closing_stops_the_epoch_written_ahead(store: TokenStore, tokenizer: Tokenizer) -> None:
+def test_closing_stops_the_worker_and_removes_its_files(
+    store: TokenStore, tokenizer: Tokenizer
+) -> None:
     sampled = _epochs(store, tokenizer)
     sampled.epoch(0)
-    assert sampled.ahead is not None and sampled.ahead[0] == 1
+    assert sampled.pending == 1, "the next epoch is being written"
     sampled.close()
-    assert sampled.ahead is None
+    assert not sampled.root.exists()
     with pytest.raises(RuntimeError, match="closed"):
         sampled.epoch(2)
 
