@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--windows", type=int, default=6, help="windows per side")
     parser.add_argument("--steps", type=int, default=5, help="steps per window")
+    parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
 
     register_configs()
@@ -48,6 +49,7 @@ def main() -> None:
         "run_dir=unused",
         f"data.dir={args.data_dir}",
         f"tokenizer.sampling_alpha={args.alpha}",
+        *args.override,
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         config = OmegaConf.to_object(compose(config_name="train", overrides=overrides))
@@ -87,6 +89,7 @@ def main() -> None:
             {
                 "experiment": args.experiment,
                 "alpha": args.alpha,
+                "overrides": args.override,
                 "tokens_per_s": {k: round(v) for k, v in median.items()},
                 "ratio": round(median["sampled"] / median["best"], 3),
                 "sentences_per_s": {
