@@ -12,6 +12,8 @@ Each part runs in its own process, so peak RSS is that part's own:
   non-pad target tokens/s, and the achieved FLOP/s (FLOPs of one step counted
   with ``torch.utils.flop_counter``) as a fraction of this machine's fp32 and
   bf16 matmul peaks (on the training device), measured in the same run.
+  ``--sampling-alpha A`` times the steps on a sampled epoch (subword
+  regularisation) while the next epoch is sampled in the background.
 * ``decode``: translates a test file, greedy and beam 5 at each ``--batch-sizes``
   (64) on ``--device`` (cpu), in a child ``seq2seq-translate`` process
   (whole-process time and peak RSS) and in this process (translation time alone,
@@ -129,12 +131,15 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     from seq2seq._hydra import register_configs
     from seq2seq.config import conf_dir
+    from seq2seq.data import sampling
     from seq2seq.data.batching import token_batches
     from seq2seq.runtime.allocator import retain_freed_memory
     from seq2seq.training.trainer import Trainer
 
     register_configs()
     overrides = [f"experiment={args.experiment}", "run_dir=unused", *args.override]
+    if args.sampling_alpha is not None:
+        overrides.append(f"tokenizer.sampling_alpha={args.sampling_alpha}")
     if args.data_dir:
         overrides.append(f"data.dir={args.data_dir}")
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
@@ -144,10 +149,19 @@ def bench_train(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer.from_config(config, run_dir=Path(run_dir))
     t = config.train
-    batches = token_batches(trainer.lengths, max_tokens=t.max_tokens, seed=t.seed)
+    data, lengths, sample_seconds = trainer.train_data, trainer.lengths, 0.0
+    # With subword sampling, epoch 0's sampled pairs are timed, while epoch 1 is
+    # written in the background as in training.
+    sampled = sampling.for_training(config, trainer.train_data, trainer.tokenizer)
+    if sampled is not None:
+        start = time.perf_counter()
+        data = sampled.epoch(0)
+        sample_seconds = time.perf_counter() - start
+        lengths = sampling.pair_lengths(data)
+    batches = token_batches(lengths, max_tokens=t.max_tokens, seed=t.seed)
     # Past the first epoch's batches the same ones come round again.
     wanted = 1 + args.warmup + args.train_steps
-    batch_list = [trainer.train_data.batch(b) for b in batches[:wanted]]
+    batch_list = [data.batch(b) for b in batches[:wanted]]
     batch_list = (batch_list * -(-wanted // len(batch_list)))[:wanted]
     with FlopCounterMode(display=False) as counter:
         trainer.train_step([batch_list[0]])
@@ -166,6 +180,10 @@ def bench_train(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     tokens = sum(b.n_tokens for b in timed)
     sentences = sum(b.src.size(0) for b in timed)
+    writing_ahead = False
+    if sampled is not None:
+        writing_ahead = sampled.ahead is not None and not sampled.ahead[1].done()
+        sampled.close()
     rate = tokens / seconds
     peaks = matmul_peaks(device)
     achieved = flops_per_token * rate / 1e9
@@ -179,6 +197,12 @@ def bench_train(args: argparse.Namespace) -> dict:
         "sentences_per_batch": round(sentences / len(timed), 1),
         "train_tgt_tokens_per_s": round(rate),
         "train_sentences_per_s": round(sentences / seconds, 1),
+        "sampling_alpha": config.tokenizer.sampling_alpha,
+        # one epoch's sampling in the foreground; whether the next was still being
+        # written in the background when the timed steps ended
+        "epoch_sample_s": round(sample_seconds, 2),
+        "sampling_overlapped_all_steps": writing_ahead,
+        "epoch_batches": len(batches),
         "gflop_per_tgt_token": round(flops_per_token / 1e9, 4),
         **roofline(achieved, peaks),
         "peak_rss_mb": round(peak_rss_mb()),
@@ -326,6 +350,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-process", action="store_true", help="decode: skip the whole-process timings"
+    )
+    parser.add_argument(
+        "--sampling-alpha",
+        type=float,
+        default=None,
+        help="train part: tokenizer.sampling_alpha (subword sampling; 0 turns it off)",
     )
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     parser.add_argument("--json", default=None, help="also write the figures here")

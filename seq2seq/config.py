@@ -193,6 +193,12 @@ class TokenizerConfig:
     joint: bool = False
     character_coverage: float = 1.0
     cache_dir: str = "~/.cache/seq2seq/spm"
+    # Subword regularisation of the training pairs: each epoch a fresh segmentation,
+    # seeded by train.seed, the epoch and the pair; validation, test, translation and
+    # the service always take the best one. 0 turns it off. Unigram: SentencePiece's
+    # smoothing exponent over all segmentations (smaller samples more widely); bpe:
+    # the probability of dropping each merge (BPE-dropout).
+    sampling_alpha: float = 0.0
 
 
 # ---------------------------------------------------------------------------- model
@@ -478,6 +484,7 @@ RANGES: dict[type, dict[str, Range]] = {
     TokenizerConfig: {
         "vocab_size": Range(8, 1 << 20),
         "character_coverage": Range(0, 1, low_open=True),
+        "sampling_alpha": Range(0, hint="0 turns subword sampling off"),
     },
     ModelConfig: {
         "embedding_size": SIZE,
@@ -634,8 +641,18 @@ def _check_data(data: DataConfig, prefix: str) -> None:
         )
 
 
+def _check_tokenizer(tokenizer: TokenizerConfig, prefix: str) -> None:
+    if tokenizer.model_type == PieceModel.bpe and tokenizer.sampling_alpha >= 1:
+        raise ValueError(
+            f"{_key(prefix, 'sampling_alpha')}={tokenizer.sampling_alpha}; with "
+            f"{_key(prefix, 'model_type')}=bpe it is the probability of dropping a merge "
+            "and must be below 1 (0 turns BPE-dropout off)"
+        )
+
+
 _CROSS_CHECKS: dict[type, Callable[[Any, str], None]] = {
     DataConfig: _check_data,
+    TokenizerConfig: _check_tokenizer,
     DecodeConfig: _check_decode_fields,
     OptimConfig: _check_optim,
     ServeApp: _check_serve,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from seq2seq.config import TrainApp, TrainingConfig
+from seq2seq.data import sampling
 from seq2seq.data.batching import Batch, token_batches
 from seq2seq.data.store import TokenStore
 from seq2seq.data.tokenizer import PAD_ID, Tokenizer
@@ -121,6 +122,7 @@ class Trainer:
         self.state = TrainerState(world_size=self.world.size, accumulate=t.accumulate)
         self.keep_best_above = -1.0  # BLEU of an existing best/ that a fresh start must beat
         self.records: list[Record] = []
+        self.sampled: sampling.SampledEpochs | None = None  # subword regularisation, in `fit`
         if self.world.rank:  # each process its own dropout masks; rank 0 keeps the seed's
             torch.manual_seed(t.seed + self.world.rank)
 
@@ -164,8 +166,11 @@ class Trainer:
         directory is unlocked at the end.
         """
         try:
+            self.sampled = sampling.for_training(self.config, self.train_data, self.tokenizer)
             return self._fit(on_accepted)
         finally:
+            if self.sampled is not None:
+                self.sampled.close()
             self.run.close()
 
     def _fit(self, on_accepted: Callable[[], None] | None) -> FitResult:
@@ -183,6 +188,9 @@ class Trainer:
         window_loss, window_tokens, window_start = 0.0, 0, time.monotonic()
         per_step = self.world.size * t.accumulate  # batches per optimiser step, all processes
         while not reason:
+            if self.sampled is not None:  # this epoch's own seeded segmentation
+                self.train_data = self.sampled.epoch(self.state.epoch)
+                self.lengths = sampling.pair_lengths(self.train_data)
             batches = token_batches(
                 self.lengths, max_tokens=t.max_tokens, seed=t.seed, epoch=self.state.epoch
             )
