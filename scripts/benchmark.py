@@ -182,7 +182,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     sentences = sum(b.src.size(0) for b in timed)
     writing_ahead = False
     if sampled is not None:
-        writing_ahead = sampled.ahead is not None and not sampled.ahead[1].done()
+        writing_ahead = sampled.pending is not None and not sampled.conn.poll()
         sampled.close()
     rate = tokens / seconds
     peaks = matmul_peaks(device)
