@@ -130,13 +130,9 @@ class Trainer:
     def from_config(
         cls, config: TrainApp, *, run_dir: Path, reporter: Reporter | None = None
     ) -> Trainer:
-        """Lock the run directory, then build the trainer (`setup.build`); the lock is
-        held until `fit` ends, so a second training stops before loading anything.
-
-        Under torchrun rank 0 goes first: it takes the lock, recovers the checkpoint
-        and builds the caches; the other processes then follow its run directory
-        and load what it built.
-        """
+        """Lock the run directory (until `fit` ends, so a second training stops before
+        loading anything), then build the trainer (`setup.build`). Under torchrun rank 0
+        goes first: it takes the lock, recovers the checkpoint and builds the caches."""
         world = distributed.current()
         with distributed.main_first(world):
             run = rundir.open_run(config, Path(run_dir), follower=not world.is_main)
@@ -160,11 +156,8 @@ class Trainer:
     def fit(self, *, on_accepted: Callable[[], None] | None = None) -> FitResult:
         """Train until a budget runs out or validation BLEU stops improving; a run
         that already finished under the current budgets returns without training.
-
         ``on_accepted`` is called (by rank 0) once the checkpoint was resumed and
-        training is about to start: a refused run never reaches it. The run
-        directory is unlocked at the end.
-        """
+        training is about to start: a refused run never reaches it."""
         try:
             self.sampled = sampling.for_training(self.config, self.train_data, self.tokenizer)
             return self._fit(on_accepted)
