@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from seq2seq.config import DecodeConfig, ServeApp
+from seq2seq.config import DecodeConfig
 from seq2seq.decoding.translator import TextHypothesis, Translator
 from seq2seq.service import api
-from seq2seq.service.app import create_app, describe_bundle
-
-BEAM = 2
+from tests.service.test_serve import BEAM, make_app, serving
 
 
 @dataclass
@@ -99,19 +95,6 @@ def stepped(translator: Translator) -> Stepped:
 def lines(pairs) -> list[str]:
     """Distinct sources of several lengths."""
     return sorted({s for s, _ in pairs}, key=len)[::12][:12]
-
-
-def make_app(translator: Translator, bundle_dir: Path, **settings: Any):
-    config = ServeApp(model=str(bundle_dir), decode=DecodeConfig(beam_size=BEAM), **settings)
-    return create_app(translator, config, describe_bundle(bundle_dir, translator))
-
-
-@asynccontextmanager
-async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 async def until(condition: Callable[[], Awaitable[bool] | bool], what: str) -> None:
