@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from seq2seq.config import ServeApp
 from seq2seq.decoding.translator import TextHypothesis
+from seq2seq.service.errors import ServiceError
 from seq2seq.service.guards import text_problem
 
 __all__ = [
@@ -24,16 +25,6 @@ __all__ = [
     "TranslateResponse",
     "Translation",
 ]
-
-
-class ServiceError(Exception):
-    """A request the service refuses, answered with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
@@ -31,7 +30,6 @@ from seq2seq.model import bundle as bundle_io
 from seq2seq.service.admission import QueueGate
 from seq2seq.service.api import (
     BundleInfo,
-    ServiceError,
     TranslateRequest,
     TranslateResponse,
     _check_request,
@@ -74,51 +72,6 @@ def describe_bundle(path: str | Path, translator: Translator) -> BundleInfo:
         target_language=config.data.tgt_lang,
         parameters=sum(p.numel() for p in translator.model.parameters()),
     )
-
-
-def _validation_message(error: RequestValidationError) -> str:
-    """One readable sentence for pydantic's list of problems.
-
-    ``q`` is a union (a string or a list of strings); pydantic reports each branch
-    with its type name in the location, which is dropped here.
-    """
-    problems: list[tuple[list[str], Any]] = []
-    for item in error.errors():
-        loc = [str(p) for p in item.get("loc", ()) if p not in ("body", "str", "list[str]")]
-        problems.append((loc, item))
-    deeper = any(loc[:1] == ["q"] and len(loc) > 1 for loc, _ in problems)
-    parts: list[str] = []
-    for loc, item in problems:
-        kind = item.get("type")
-        if kind == "json_invalid":
-            message = f"malformed JSON at character {loc[0] if loc else '?'}"
-        elif kind == "model_attributes_type" and not loc:
-            message = (
-                'the body must be a JSON object such as {"q": "text"}, '
-                "sent with Content-Type: application/json"
-            )
-        elif loc == ["q"] and kind in ("string_type", "list_type"):
-            if deeper:
-                continue
-            message = "q: must be a string or a list of strings"
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {item.get('msg', 'invalid')}"
-        if message not in parts:
-            parts.append(message)
-    return "invalid request: " + "; ".join(parts)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, e: ServiceError) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        detail = [
-            {k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in e.errors()
-        ]
-        return JSONResponse({"error": _validation_message(e), "detail": detail}, status_code=422)
 
 
 def check_config(config: ServeApp) -> None:
@@ -211,7 +164,6 @@ def _web_app(
         Guard, key=key, limit=config.max_body_bytes, body_timeout=config.body_timeout
     )
     install_error_handlers(app)
-    _install_error_handlers(app)
     install_page(
         app,
         render_page(
