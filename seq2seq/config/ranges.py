@@ -126,6 +126,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "seed": SEED,
         "threads": THREADS,
         "ensemble": Range(1, 1024),
+        "ensemble_parallel": Range(1, 1024),
         "accumulate": Range(1, 1 << 16),
         "timeout": POSITIVE,
     },

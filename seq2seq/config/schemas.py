@@ -264,7 +264,10 @@ class TrainingConfig:
     ``ensemble`` > 1 trains that many members one after another (seeds ``seed``,
     ``seed + 1``, ...; each in ``run_dir/memberK`` with an even share of the time
     left, so ``max_time`` stays the whole run's budget) and writes ``best`` as an
-    ensemble bundle that decodes with all of them.
+    ensemble bundle that decodes with all of them. ``ensemble_parallel`` = N trains
+    N members at once, each in a process of its own with cores/N threads (the whole
+    time budget split among the waves of N), which on a CPU gives each member nearly
+    the steps a single model would get.
 
     ``resume=true`` (the default) continues from the newest complete checkpoint in
     ``run_dir`` with the checkpoint's tokenizer; it refuses when the data, tokenizer
@@ -294,6 +297,8 @@ class TrainingConfig:
     precision: Precision = Precision.auto
     resume: bool = True
     ensemble: int = 1
+    # Members trained at once, each in a process of its own with cores/N threads.
+    ensemble_parallel: int = 1
     # Batches per optimiser step in each process; the update is normalised by all
     # their target tokens, so N processes under torchrun equal one with accumulate=N.
     accumulate: int = 1

@@ -19,9 +19,10 @@ from seq2seq.decoding.translator import Translator
 from seq2seq.model import bundle as bundle_io
 from seq2seq.runtime import distributed, fs
 from seq2seq.runtime.device import pick_device
-from seq2seq.training import records, rundir
+from seq2seq.training import records, rundir, side_by_side
 from seq2seq.training.records import EnsembleRecord, Reporter
 from seq2seq.training.rundir import FIT_RESULT
+from seq2seq.training.side_by_side import Member
 from seq2seq.training.trainer import FitResult, Trainer
 from seq2seq.training.validation import greedy_bleu
 
@@ -70,27 +71,63 @@ def fit_ensemble(
         raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
     rundir.check_kind(Path(run_dir), ensemble=True)
     accepted = _once(on_accepted)
-    results: list[FitResult] = []
-    for k in range(1, t.ensemble + 1):
-        member_dir = Path(run_dir) / f"member{k}"
-        member = replace(
-            config,
-            train=replace(t, seed=t.seed + k - 1, max_time=_member_time(t, results), ensemble=1),
-            run_dir=str(member_dir),
-        )
-        done = member_dir / FIT_RESULT
-        if t.resume and done.is_file():
-            logger.info("ensemble member %d already trained (%s)", k, done)
-            results.append(_read_fit_result(done))
-            continue
-        trainer = Trainer.from_config(member, run_dir=member_dir, reporter=reporter)
-        results.append(trainer.fit(on_accepted=accepted))
-        if distributed.current().is_main:
-            fs.write_bytes(done, _fit_result_json(results[-1]))
+    if t.ensemble_parallel > 1:
+        results = _fit_side_by_side(config, Path(run_dir))
+    else:
+        results = _fit_one_after_another(config, Path(run_dir), reporter, accepted)
     if not distributed.current().is_main:  # the ensemble bundle is rank 0's to write
         return replace(results[-1], best=Path(run_dir) / "best")
     accepted()
     return _ensemble_result(config, Path(run_dir), results, reporter)
+
+
+def _fit_one_after_another(
+    config: TrainApp, run_dir: Path, reporter: Reporter | None, accepted: Callback
+) -> list[FitResult]:
+    t = config.train
+    results: list[FitResult] = []
+    for k in range(1, t.ensemble + 1):
+        member = _member(config, run_dir, k, max_time=_member_time(t, results))
+        done = member.run_dir / FIT_RESULT
+        if t.resume and done.is_file():
+            logger.info("ensemble member %d already trained (%s)", k, done)
+            results.append(_read_fit_result(done))
+            continue
+        trainer = Trainer.from_config(member.config, run_dir=member.run_dir, reporter=reporter)
+        results.append(trainer.fit(on_accepted=accepted))
+        if distributed.current().is_main:
+            _write_member_result(member, results[-1])
+    return results
+
+
+def _fit_side_by_side(config: TrainApp, run_dir: Path) -> list[FitResult]:
+    """Members ``train.ensemble_parallel`` at a time, each in a process of its own."""
+    t = config.train
+    if distributed.current().size > 1:
+        raise ValueError(
+            "train.ensemble_parallel trains members in processes of their own; "
+            "under torchrun set train.ensemble_parallel=1"
+        )
+    members = [_member(config, run_dir, k, max_time=t.max_time) for k in range(1, t.ensemble + 1)]
+    todo = [m for m in members if not (t.resume and (m.run_dir / FIT_RESULT).is_file())]
+    for m in members:
+        if m not in todo:
+            logger.info("ensemble member %d already trained", m.number)
+    side_by_side.train(config, todo, write_result=_write_member_result)
+    return [_read_fit_result(m.run_dir / FIT_RESULT) for m in members]
+
+
+def _member(config: TrainApp, run_dir: Path, k: int, *, max_time: float) -> Member:
+    """Member ``k`` (from 1): seed ``seed + k - 1`` in ``run_dir/memberK``."""
+    t = config.train
+    train = replace(t, seed=t.seed + k - 1, max_time=max_time, ensemble=1, ensemble_parallel=1)
+    member_dir = run_dir / f"member{k}"
+    return Member(k, replace(config, train=train, run_dir=str(member_dir)), member_dir)
+
+
+def _write_member_result(member: Member, result: FitResult) -> None:
+    """The record that member ``member`` finished (what a restarted run skips)."""
+    fs.write_bytes(member.run_dir / FIT_RESULT, _fit_result_json(result))
 
 
 def _ensemble_result(

@@ -112,6 +112,26 @@ def test_ensemble_run_trains_seeded_members_on_a_split_budget(tmp_path):
     assert again.steps == 14 + 21
 
 
+def test_members_trained_side_by_side_equal_members_trained_one_after_another(tmp_path):
+    """``train.ensemble_parallel``: the same members, trained in processes of their own."""
+    common = {"max_steps": 14, "ensemble": 2, "threads": 1}
+    one = fit(_config(tmp_path / "a", **common), run_dir=tmp_path / "a/run")
+    side = _config(tmp_path / "b", ensemble_parallel=2, **common)
+    both = fit(side, run_dir=tmp_path / "b/run")
+    for k in (1, 2):
+        first, second = (weights(tmp_path / f"{x}/run/member{k}/last") for x in "ab")
+        assert all(torch.equal(first[name], second[name]) for name in first)
+    assert (both.steps, both.best_bleu) == (one.steps, one.best_bleu) == (28, one.best_bleu)
+
+    # Started again, a finished member is skipped and the other resumes.
+    run = tmp_path / "b/run"
+    before = (run / "member1/last" / bundle.WEIGHTS).read_bytes()
+    (run / "member2" / FIT_RESULT).unlink()
+    side.train.max_steps = 21
+    assert fit(side, run_dir=run).steps == 14 + 21
+    assert (run / "member1/last" / bundle.WEIGHTS).read_bytes() == before
+
+
 def test_two_level_softmax_trains_and_its_bundle_scores_distributions(tmp_path):
     """``model.softmax_head``: training runs through the two-level loss, and the
     saved bundle brings back the tail class and scores normalised log-probs."""
