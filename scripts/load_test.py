@@ -7,6 +7,8 @@ Three modes::
         --clients 32 --duration 30 [--max-requests 20000] [--beam-size 5] [--json out.json]
 
     # a burst far beyond the queue, then normal load: 503s, recovery, nothing unanswered
+    # (a client waits a 503's Retry-After before it sends again; --ignore-retry-after
+    # resends at once); the server's own time to each answer is reported too
     python scripts/load_test.py overload --url ... --sentences ... --burst-clients 256 \\
         --clients 32 --duration 15
 
@@ -129,6 +131,10 @@ class Phase:
     body: dict[str, object]  # request fields besides q
     timeout: float  # seconds a client waits for an answer
     headers: dict[str, str]
+    # A client that got 503 waits its Retry-After before the next request, as a
+    # well-behaved client does; without it the burst measures how fast this one
+    # process can resend, not how fast the server refuses.
+    honour_retry_after: bool = False
 
 
 async def run_phase(url: str, sentences: list[str], phase: Phase) -> Outcome:
@@ -149,12 +155,17 @@ async def run_phase(url: str, sentences: list[str], phase: Phase) -> Outcome:
             while time.perf_counter() < end and next(budget) < phase.max_requests:
                 lines = next(chunks)
                 sent = time.perf_counter()
+                wait = 0.0
                 try:
                     reply = await client.post("/translate", json={"q": lines, **phase.body})
                     status: int | str = reply.status_code
+                    if status == 503 and phase.honour_retry_after:
+                        wait = float(reply.headers.get("retry-after", 1))
                 except httpx.HTTPError as e:
                     status = type(e).__name__
                 outcome.record(status, time.perf_counter() - sent, len(lines))
+                if wait:
+                    await asyncio.sleep(min(wait, max(0.0, end - time.perf_counter())))
 
         await asyncio.gather(*(one_client() for _ in range(phase.clients)))
         outcome.seconds = time.perf_counter() - start
@@ -167,6 +178,7 @@ def _headers(args: argparse.Namespace) -> dict[str, str]:
 
 def _phase(args: argparse.Namespace, clients: int, duration: float) -> Phase:
     return Phase(
+        honour_retry_after=not getattr(args, "ignore_retry_after", True),
         clients=clients,
         duration=duration,
         max_requests=args.max_requests,
@@ -180,6 +192,31 @@ def _phase(args: argparse.Namespace, clients: int, duration: float) -> Phase:
 async def server_stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         return (await client.get("/info")).json().get("stats", {})
+
+
+async def answer_times(url: str, headers: dict[str, str]) -> dict[str, dict[str, int]]:
+    """The server's own count of answers by status within each time bound (its
+    ``seq2seq_answer_seconds`` histogram): the time from a request reaching the app
+    to its answer, without the wait to be accepted or the client's own delays."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        text = (await client.get("/metrics")).text
+    found: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "seq2seq_answer_seconds_bucket":
+                by_bound = found.setdefault(sample.labels["status"], {})
+                by_bound[sample.labels["le"]] = int(sample.value)
+    return found
+
+
+def answers_within(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict:
+    """Per status, answers of the phase within each bound (seconds), cumulative."""
+    return {
+        status: {le: n - before.get(status, {}).get(le, 0) for le, n in bounds.items()}
+        for status, bounds in after.items()
+    }
 
 
 def emit(record: dict[str, object], args: argparse.Namespace) -> None:
@@ -245,11 +282,14 @@ async def overload(args: argparse.Namespace) -> None:
     sentences = read_sentences(args.sentences, args.limit)
     server = server_process(url, args.server_pid)
     cpu = cpu_seconds(server)
+    times = await answer_times(url, _headers(args))
     burst = await run_phase(url, sentences, _phase(args, args.burst_clients, args.burst_duration))
     spent = cpu_seconds(server) - cpu
     cpu += spent
     record = burst.report("burst")
     record["server_cpu_s_per_sentence"] = cpu_per_sentence(spent, burst.sentences)
+    later = await answer_times(url, _headers(args))
+    record["server_answers_within_s"] = answers_within(times, later)
     emit({**record, "label": args.label}, args)
     after = await run_phase(url, sentences, _phase(args, args.clients, args.duration))
     record = after.report("recovery")
@@ -337,6 +377,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if name == "overload":
             p.add_argument("--burst-clients", type=int, default=256)
             p.add_argument("--burst-duration", type=float, default=15.0)
+            p.add_argument(
+                "--ignore-retry-after",
+                action="store_true",
+                help="resend at once after a 503 instead of waiting its Retry-After",
+            )
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,9 @@ series, and registering the same names twice fails. Each app owns a
 Series (all names start with ``seq2seq_``):
 
 - ``requests_total{status}``: ``POST /translate`` answers by HTTP status;
+- ``answer_seconds{status}``: per answer, the seconds from the request reaching the
+  app to its answer starting, by status: how fast a 503 is given under overload
+  shows here, apart from the time a request waits to be accepted;
 - ``sentences_total{status}``: their lines by outcome (``translated``, ``rejected``
   for 503, ``timed_out`` for 504, ``failed`` for an error in search or in
   tokenizing its own request); a request refused while the queue is full is
@@ -23,6 +26,7 @@ Series (all names start with ``seq2seq_``):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,6 +38,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds: from a sentence on an idle service to an overloaded queue.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds to any answer: refusals take well under a millisecond.
+ANSWER_BUCKETS = (0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
 # Sentences searched together at one step.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -46,6 +52,13 @@ class ServiceMetrics:
         r = self.registry
         self.requests = Counter(
             "seq2seq_requests", "POST /translate answers by HTTP status", ["status"], registry=r
+        )
+        self.answer = Histogram(
+            "seq2seq_answer_seconds",
+            "Seconds from a POST /translate reaching the app to its answer, by status",
+            ["status"],
+            buckets=ANSWER_BUCKETS,
+            registry=r,
         )
         self.sentences = Counter(
             "seq2seq_sentences", "Lines of /translate requests by outcome", ["status"], registry=r
@@ -85,8 +98,9 @@ class ServiceMetrics:
 
 
 class RequestCounter:
-    """Counts the answers to ``POST /translate`` by status, whichever layer gave them
-    (the body limit, the key check, validation, the batcher or the route)."""
+    """Counts and times the answers to ``POST /translate`` by status, whichever layer
+    gave them (the queue gate, the body limit, the key check, validation, the batcher
+    or the route)."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, path: str = "/translate") -> None:
         self.app = app
@@ -98,9 +112,13 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
 
+        start = time.perf_counter()
+
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
+                status = str(message["status"])
+                self.metrics.requests.labels(status).inc()
+                self.metrics.answer.labels(status).observe(time.perf_counter() - start)
             await send(message)
 
         await self.app(scope, receive, counted)

@@ -72,6 +72,7 @@ def test_counters_add_up_after_an_exchange(translator, tiny_bundle, lines):
     assert value(mid, "seq2seq_live_searches") == 1
     for status, count in (("200", 3), ("503", 1), ("422", 1), ("413", 1)):
         assert value(end, "seq2seq_requests_total", status=status) == count
+        assert value(end, "seq2seq_answer_seconds_count", status=status) == count
     assert value(end, "seq2seq_sentences_total", status="translated") == 5
     # refused at the door, before its body (and so its lines) was read
     assert value(end, "seq2seq_sentences_total", status="rejected") == 0
