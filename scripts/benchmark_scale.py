@@ -147,6 +147,10 @@ def train_child(overrides: list[str], run_dir: Path, steps: int) -> dict:
         "train.valid_every=100000",
         "train.valid_max_sentences=200",
         "train.max_time=0",
+        # One model on the best segmentation: the store's cost, whatever the recipe's
+        # ensemble or subword sampling (whose first epoch is drawn before step 1).
+        "train.ensemble=1",
+        "tokenizer.sampling_alpha=0",
     ]
     metrics = run_dir / "metrics.jsonl"
     with tempfile.TemporaryFile("w+") as log:

@@ -68,6 +68,7 @@ def train(args: argparse.Namespace, scratch: Path, env: dict[str, str]) -> None:
         "train.valid_max_sentences=20",
         "train.max_time=0",
         "train.patience=0",
+        "train.ensemble=1",  # one model, whatever the recipe's ensemble
     ]
     setups = {
         f"{p} processes x 1 thread": [*TORCHRUN, f"--nproc-per-node={p}", "-m", "seq2seq.train"],

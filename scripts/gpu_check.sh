@@ -96,7 +96,7 @@ train_bench() {  # PRECISION
 torchrun_run() {
     (cd "$scratch" && "$python" -m torch.distributed.run --standalone --nproc-per-node=1 \
         -m seq2seq.train experiment=multi30k_en_de_25min "data.dir=$data" \
-        "tokenizer.cache_dir=$scratch/spm" "run_dir=$scratch/torchrun" train.max_steps=50 \
+        "tokenizer.cache_dir=$scratch/spm" "run_dir=$scratch/torchrun" train.max_steps=50 train.ensemble=1 \
         train.valid_every=50 train.log_every=10 train.backend=nccl) &&
     "$python" "$root/scripts/gpu_report.py" run "$scratch/torchrun" "$scratch/torchrun.json"
 }

@@ -56,8 +56,8 @@ class ProgressBar:
     def on_record(self, record: Record) -> None:
         if isinstance(record, TrainRecord):
             self.lr = f"{record.lr:.2e}"
-        elif isinstance(record, EnsembleRecord):
-            self.bar.write(f"ensemble of {record.members}: BLEU {record.bleu:.2f}")
+        elif isinstance(record, EnsembleRecord):  # after training: no bar to draw
+            tqdm.write(f"ensemble of {record.members}: BLEU {record.bleu:.2f}")
         elif isinstance(record, DataRecord):
             if record.bad_rows:
                 self.bar.write(f"skipped {record.bad_rows} bad rows of {record.lines}")

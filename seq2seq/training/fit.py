@@ -71,7 +71,15 @@ def fit_ensemble(
         raise ValueError(f"train.ensemble={t.ensemble}; an ensemble needs at least 2 members")
     rundir.check_kind(Path(run_dir), ensemble=True)
     accepted = _once(on_accepted)
-    if t.ensemble_parallel > 1:
+    at_once = t.ensemble_parallel > 1
+    if at_once and distributed.current().size > 1:
+        logger.warning(
+            "under torchrun the members train one after another, each on every process "
+            "(train.ensemble_parallel=%d is not used)",
+            t.ensemble_parallel,
+        )
+        at_once = False
+    if at_once:
         results = _fit_side_by_side(config, Path(run_dir))
     else:
         results = _fit_one_after_another(config, Path(run_dir), reporter, accepted)
@@ -103,11 +111,6 @@ def _fit_one_after_another(
 def _fit_side_by_side(config: TrainApp, run_dir: Path) -> list[FitResult]:
     """Members ``train.ensemble_parallel`` at a time, each in a process of its own."""
     t = config.train
-    if distributed.current().size > 1:
-        raise ValueError(
-            "train.ensemble_parallel trains members in processes of their own; "
-            "under torchrun set train.ensemble_parallel=1"
-        )
     members = [_member(config, run_dir, k, max_time=t.max_time) for k in range(1, t.ensemble + 1)]
     todo = [m for m in members if not (t.resume and (m.run_dir / FIT_RESULT).is_file())]
     for m in members:

@@ -21,7 +21,7 @@ from pathlib import Path
 from seq2seq.config import TrainApp
 from seq2seq.data.store import prepare
 from seq2seq.runtime import cores
-from seq2seq.training.records import Record, TrainRecord
+from seq2seq.training.records import AverageRecord, DataRecord, Record, ValidRecord
 from seq2seq.training.trainer import FitResult, Trainer
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,10 @@ class _LogReporter:
         del step, loss, tokens_per_s  # the train records below say it less often
 
     def on_record(self, record: Record) -> None:
-        if isinstance(record, TrainRecord):
-            return
-        logger.info("member %d: %s", self.number, record)
+        if isinstance(record, ValidRecord | AverageRecord):
+            logger.info(
+                "member %d, step %d: %s loss %.3f ppl %.2f BLEU %.2f",
+                *(self.number, record.step, record.kind, record.loss, record.ppl, record.bleu),
+            )
+        elif isinstance(record, DataRecord) and record.bad_rows:
+            logger.info("member %d: skipped %d bad rows", self.number, record.bad_rows)
