@@ -35,10 +35,6 @@ from seq2seq.config import ServeApp, conf_dir
 from seq2seq.decoding.translator import Translator
 
 register_configs()
-# Seconds a thread holds the interpreter before one waiting for it gets it: the event
-# loop needs it for a moment per request, and with Python's 5 ms it waits behind the
-# search thread at every turn (the convoy of an I/O thread beside a busy one).
-SWITCH_INTERVAL = 0.0005
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -123,7 +119,6 @@ def run(config: ServeApp) -> None:
     reserve_descriptors(config.max_connections)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    sys.setswitchinterval(SWITCH_INTERVAL)
     translator = Translator.from_bundle(config.model, decode=config.decode, device=config.device)
     app = create_app(translator, config, describe_bundle(config.model, translator))
     sock = bind(config.host, config.port)
