@@ -92,8 +92,10 @@ class LiveSearch(Generic[TagT]):
             return
         s = self.settings
         src, lengths = pad(sources)
-        width = max(src.size(1), MIN_WIDTH, width_of(self.enc) if self.enc is not None else 0)
-        src = grow(src, 1, width, 0).to(self.device)
+        # Encoded at their own width, as a batch of their own would be: the encoder's
+        # cost grows with the positions it runs over, and `join` pads them afterwards.
+        src = grow(src, 1, max(src.size(1), MIN_WIDTH), 0).to(self.device)
+        width = max(src.size(1), width_of(self.enc) if self.enc is not None else 0)
         lengths = lengths.to(self.device)
         enc = self.model.encode(src, lengths)
         if s.beam_size > 1:  # sentence b owns rows bK .. bK + K - 1
