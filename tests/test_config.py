@@ -125,12 +125,12 @@ def test_command_line_beats_the_corpus_recipe():
     assert config.tokenizer.vocab_size == 123 and config.optim.lr == 0.5
 
 
-def test_the_25_minute_experiment_trains_one_model_in_its_budget():
-    """It inherits the 2-hour recipe, whose ensemble of 2 would split 24
-    minutes into two half-trained members."""
+def test_the_25_minute_experiment_trains_its_members_side_by_side_in_its_budget():
+    """Its pair trains at once, each member for the whole 24 minutes; one after
+    another (the 2-hour recipe's way) would leave two half-trained members."""
     overrides = ["run_dir=x", "experiment=multi30k_en_de_25min"]
-    config = OmegaConf.to_object(_compose("train", overrides))
-    assert config.train.ensemble == 1 and config.train.max_time == 1440
+    t = OmegaConf.to_object(_compose("train", overrides)).train
+    assert (t.ensemble, t.ensemble_parallel, t.max_time) == (2, 2, 1440)
 
 
 # ------------------------------------------------------------------ keys and ranges
