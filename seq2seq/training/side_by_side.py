@@ -52,6 +52,8 @@ def train(
     Why waves with an even share of the time left: ``max_time`` stays the whole
     run's budget, and a wave that ends early leaves its time to the next.
     """
+    if not members:
+        return
     t = config.train
     at_once = t.ensemble_parallel
     threads = t.threads or max(1, cores() // at_once)
@@ -114,6 +116,8 @@ def _member_main(
             member.config, run_dir=member.run_dir, reporter=_LogReporter(member.number)
         )
         write_result(member, trainer.fit())
+    except KeyboardInterrupt:  # Ctrl-C reaches every member; the parent reports it
+        sys.exit(130)
     except Exception as e:  # the parent names the member; its error must not be lost
         print(f"error: ensemble member {member.number}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

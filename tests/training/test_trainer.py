@@ -22,6 +22,7 @@ from seq2seq.model import bundle
 from seq2seq.model.ensemble import Ensemble
 from seq2seq.training import snapshots
 from seq2seq.training.fit import FIT_RESULT, fit
+from seq2seq.training.side_by_side import MemberFailed
 from seq2seq.training.trainer import Trainer
 from tests.helpers import train_config, weights
 
@@ -130,6 +131,17 @@ def test_members_trained_side_by_side_equal_members_trained_one_after_another(tm
     side.train.max_steps = 21
     assert fit(side, run_dir=run).steps == 14 + 21
     assert (run / "member1/last" / bundle.WEIGHTS).read_bytes() == before
+
+
+def test_a_member_that_fails_side_by_side_is_named(tmp_path, capfd):
+    """A member's error reaches stderr from its process, and the run stops naming it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "member2").write_text("not a directory")
+    config = _config(tmp_path, max_steps=3, ensemble=2, ensemble_parallel=2, threads=1)
+    with pytest.raises(MemberFailed, match=r"ensemble member 2 \(exit code 2\)"):
+        fit(config, run_dir=run)
+    assert "error: ensemble member 2:" in capfd.readouterr().err
 
 
 def test_two_level_softmax_trains_and_its_bundle_scores_distributions(tmp_path):
