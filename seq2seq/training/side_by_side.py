@@ -2,8 +2,9 @@
 
 Why processes: a GRU of this toolkit's sizes keeps one core busy but gains little
 from a second one (its matrices are too small to split well), so on a machine of
-N cores N members with one core each train nearly N times the steps of members
-trained one after another with all cores. Each member is an ordinary run in its
+N cores N members with one core each train many more steps in the same time than
+members trained one after another with all cores (figures in docs/benchmarks.md).
+A member that fails leaves the others to finish. Each member is an ordinary run in its
 own directory, as in the sequential case, so resume and the record of finished
 members work the same.
 """
@@ -130,7 +131,7 @@ class _LogReporter:
         self.number = number
 
     def on_step(self, step: int, loss: float, tokens_per_s: float) -> None:
-        del step, loss, tokens_per_s  # the train records below say it less often
+        del step, loss, tokens_per_s  # a member's progress is its validation lines
 
     def on_record(self, record: Record) -> None:
         if isinstance(record, ValidRecord | AverageRecord):
