@@ -266,7 +266,7 @@ class TrainingConfig:
     left, so ``max_time`` stays the whole run's budget) and writes ``best`` as an
     ensemble bundle that decodes with all of them. ``ensemble_parallel`` = N trains
     N members at once, each in a process of its own with cores/N threads (the whole
-    time budget split among the waves of N), which on a CPU gives each member nearly
+    time budget split among the waves of N), which on a CPU gives each member most of
     the steps a single model would get.
 
     ``resume=true`` (the default) continues from the newest complete checkpoint in
