@@ -127,10 +127,20 @@ def test_command_line_beats_the_corpus_recipe():
 
 def test_the_25_minute_experiment_trains_its_members_side_by_side_in_its_budget():
     """Its pair trains at once, each member for the whole 24 minutes; one after
-    another (the 2-hour recipe's way) would leave two half-trained members."""
+    another would leave two half-trained members."""
     overrides = ["run_dir=x", "experiment=multi30k_en_de_25min"]
     t = OmegaConf.to_object(_compose("train", overrides)).train
     assert (t.ensemble, t.ensemble_parallel, t.max_time) == (2, 2, 1440)
+
+
+def test_the_2_hour_experiment_trains_two_waves_of_two_members():
+    """Four members, two at a time: each wave gets half the budget, and the step
+    budget (not the clock) ends a member on a CPU as fast as the recipe's own."""
+    overrides = ["run_dir=x", "experiment=multi30k_en_de"]
+    config = OmegaConf.to_object(_compose("train", overrides))
+    t = config.train
+    assert (t.ensemble, t.ensemble_parallel, t.max_time, t.max_steps) == (4, 2, 6600, 10000)
+    assert config.tokenizer.sampling_alpha > 0
 
 
 # ------------------------------------------------------------------ keys and ranges
