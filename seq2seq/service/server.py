@@ -48,8 +48,8 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) >= self.max_connections:
             # Refused at once: the descriptor is freed now, not after a timeout.
             self._refused = True
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            # uvloop's transports are not `asyncio.Transport` subclasses, hence no check.
+            self.transport = transport  # type: ignore[assignment]
             transport.write(REFUSED)
             transport.close()
             return
