@@ -57,6 +57,18 @@ def _as_list(lines: Sequence[str]) -> list[str]:
     return lines if isinstance(lines, list) else list(lines[:])
 
 
+# Below this many lines, SentencePiece's batch calls cost more than a loop: each
+# starts and joins a thread pool, which dwarfs encoding or decoding one sentence.
+SMALL_BATCH = 16
+
+
+def _encode(processor: spm.SentencePieceProcessor, lines: Sequence[str]) -> list[list[int]]:
+    lines = _as_list(lines)
+    if len(lines) < SMALL_BATCH:
+        return [processor.encode(line, out_type=int) for line in lines]
+    return processor.encode(lines, out_type=int)
+
+
 class Tokenizer:
     """Source and target SentencePiece models (one shared model when ``joint``)."""
 
@@ -82,15 +94,17 @@ class Tokenizer:
 
     def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
         """Piece ids of each source line; no bos/eos (batching adds what it needs)."""
-        return self.src.encode(_as_list(lines), out_type=int)
+        return _encode(self.src, lines)
 
     def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
         """Piece ids of each target line; no bos/eos."""
-        return self.tgt.encode(_as_list(lines), out_type=int)
+        return _encode(self.tgt, lines)
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenised target lines; pad, bos and eos ids are dropped wherever they are."""
         cleaned = [[int(i) for i in row if int(i) not in SPECIAL_IDS] for row in ids]
+        if len(cleaned) < SMALL_BATCH:
+            return [self.tgt.decode(row) for row in cleaned]
         return self.tgt.decode(cleaned)
 
     def src_pieces(self, line: str) -> list[str]:

@@ -58,6 +58,15 @@ def test_encode_decode_round_trip(tokenizer: Tokenizer) -> None:
     assert [len(tokenizer.src_pieces(s)) for s in SRC[:20]] == [len(r) for r in src_ids]
 
 
+def test_a_few_lines_give_what_a_large_batch_gives(tokenizer: Tokenizer) -> None:
+    """A few lines take a loop and many SentencePiece's batch call: same ids, same text."""
+    ids = tokenizer.encode_tgt(TGT[:100])
+    assert [tokenizer.encode_tgt([line])[0] for line in TGT[:100]] == ids
+    assert tokenizer.encode_src(SRC[:3]) == tokenizer.encode_src(SRC[:100])[:3]
+    assert [tokenizer.decode_tgt([row])[0] for row in ids] == tokenizer.decode_tgt(ids)
+    assert tokenizer.decode_tgt([[], [EOS_ID]]) == ["", ""]
+
+
 def test_decode_strips_pad_bos_eos(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode_tgt(TGT[:2])
     padded = [[BOS_ID, *ids[0], EOS_ID, PAD_ID, PAD_ID], [*ids[1], EOS_ID]]
