@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -48,10 +48,10 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) >= self.max_connections:
             # Refused at once: the descriptor is freed now, not after a timeout.
             self._refused = True
-            # uvloop's transports are not `asyncio.Transport` subclasses, hence no check.
-            self.transport = transport  # type: ignore[assignment]
-            transport.write(REFUSED)
-            transport.close()
+            # uvloop's transports are not `asyncio.Transport` subclasses: cast, not checked.
+            self.transport = cast(asyncio.Transport, transport)
+            self.transport.write(REFUSED)
+            self.transport.close()
             return
         super().connection_made(transport)  # type: ignore[arg-type]
         self._watch_head()
