@@ -134,8 +134,8 @@ def test_the_25_minute_experiment_trains_its_members_side_by_side_in_its_budget(
 
 
 def test_the_2_hour_experiment_trains_two_waves_of_two_members():
-    """Four members, two at a time: each wave gets half the budget, and the step
-    budget (not the clock) ends a member on a CPU as fast as the recipe's own."""
+    """Four members, two at a time, each with a budget in steps under the time cap,
+    and subword sampling on."""
     overrides = ["run_dir=x", "experiment=multi30k_en_de"]
     config = OmegaConf.to_object(_compose("train", overrides))
     t = config.train
