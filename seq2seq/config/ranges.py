@@ -21,8 +21,10 @@ from seq2seq.config.schemas import (
     ModelConfig,
     OptimConfig,
     PieceModel,
+    Schedule,
     ServeApp,
     TokenizerConfig,
+    TrainApp,
     TrainingConfig,
     TranslateApp,
 )
@@ -247,10 +249,20 @@ def _check_tokenizer(tokenizer: TokenizerConfig, prefix: str) -> None:
         )
 
 
+def _check_train_app(app: TrainApp, prefix: str) -> None:
+    if app.optim.schedule == Schedule.cosine and app.optim.warmup_steps >= app.train.max_steps:
+        raise ValueError(
+            f"{_key(prefix, 'optim.schedule')}=cosine decays the rate over the step budget: "
+            f"{_key(prefix, 'train.max_steps')}={app.train.max_steps} must exceed "
+            f"{_key(prefix, 'optim.warmup_steps')}={app.optim.warmup_steps}"
+        )
+
+
 _CROSS_CHECKS: dict[type, Callable[[Any, str], None]] = {
     DataConfig: _check_data,
     TokenizerConfig: _check_tokenizer,
     DecodeConfig: _check_decode_fields,
     OptimConfig: OptimConfig.check,
     ServeApp: _check_serve,
+    TrainApp: _check_train_app,
 }

@@ -85,6 +85,7 @@ class Schedule(Choice):
     constant = "constant"
     plateau = "plateau"
     warmup = "warmup"
+    cosine = "cosine"
 
 
 class Precision(Choice):

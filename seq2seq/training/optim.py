@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,9 +30,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return cls(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Scheduler | None:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int = 0
+) -> Scheduler | None:
     """``plateau`` halves the rate when validation BLEU stalls; ``warmup`` ramps
-    linearly for ``warmup_steps`` then decays with the inverse square root."""
+    linearly for ``warmup_steps`` then decays with the inverse square root;
+    ``cosine`` ramps the same way then follows a half cosine down to ``min_lr`` at
+    ``max_steps``, so a run with a step budget ends on small steps whatever the
+    noise in validation (which the plateau rule reacts to late or early)."""
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
@@ -46,7 +51,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Sched
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warm, math.sqrt(warm / (step + 1)))
         )
+    if cfg.schedule == "cosine" and max_steps > cfg.warmup_steps:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _cosine(cfg.warmup_steps, max_steps, cfg.min_lr / cfg.lr if cfg.lr else 0.0)
+        )
     return None
+
+
+def _cosine(warm: int, total: int, floor: float) -> Callable[[int], float]:
+    """The rate's factor at each step: linear warm-up, then a half cosine from 1 to
+    ``floor`` (and ``floor`` past ``total``, should the budget be raised on resume
+    without restarting the schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        done = min(1.0, (step - warm) / (total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
 
 
 def apply_optim_changes(

@@ -115,7 +115,7 @@ class Trainer:
         self.device = device
         self.reporter = reporter
         self.optimizer = build_optimizer(model, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, t.max_steps)
         self.world = distributed.current()
         self.stepper = StepRunner(self.model, self.optimizer, self.scheduler, t, device)
         self.use_bf16 = self.stepper.use_bf16

@@ -49,6 +49,24 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert steps == sorted(set(steps)), "metrics after the checkpoint are not duplicated"
 
 
+def test_resume_under_the_cosine_schedule_reaches_the_same_weights(tmp_path):
+    """The rate follows the step budget, so a run stopped early (here by an epoch
+    budget) and resumed continues the same curve."""
+    cosine = partial(train_config, train_size=300, valid_size=20, schedule="cosine")
+    straight = cosine(tmp_path / "a", max_steps=30)
+    Trainer.from_config(straight, run_dir=tmp_path / "a/run").fit()
+
+    first = cosine(tmp_path / "b", max_steps=30, max_epochs=1)
+    stopped = Trainer.from_config(first, run_dir=tmp_path / "b/run").fit()
+    assert 0 < stopped.steps < 30
+    second = cosine(tmp_path / "b", max_steps=30)
+    result = Trainer.from_config(second, run_dir=tmp_path / "b/run").fit()
+
+    assert result.steps == 30
+    a, b = weights(tmp_path / "a/run/last"), weights(tmp_path / "b/run/last")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_average_is_the_mean_of_the_last_validations(tmp_path):
     config = _config(tmp_path, max_steps=28, average_last=3)
     trainer = Trainer.from_config(config, run_dir=tmp_path / "run")
