@@ -53,16 +53,19 @@ def lines(pairs) -> list[str]:
 
 class Gated(Translator):
     """A translator whose search steps wait for a gate: a search that takes as long as
-    a test needs."""
+    a test needs. A search also waits for ``entry`` before it takes its first request
+    (open unless a test closes it), so a test can queue several requests first."""
 
     gate: threading.Event
+    entry: threading.Event
 
     def with_decode(self, **changes: Any) -> Gated:
         other = Gated(self.model, self.tokenizer, replace(self.decode, **changes), device="cpu")
-        other.gate = self.gate
+        other.gate, other.entry = self.gate, self.entry
         return other
 
     def live(self, *, attention: bool) -> Any:
+        assert self.entry.wait(60), "entry never opened"
         return GatedLive(super().live(attention=attention), self.gate)
 
 
@@ -91,6 +94,8 @@ class GatedLive:
 def gated(translator: Translator) -> Gated:
     result = Gated(translator.model, translator.tokenizer, translator.decode, device="cpu")
     result.gate = threading.Event()
+    result.entry = threading.Event()
+    result.entry.set()
     return result
 
 
@@ -414,6 +419,9 @@ def test_a_request_waiting_too_long_gets_504(translator, bundle_dir):
 def test_workers_search_batches_side_by_side(translator, bundle_dir, lines):
     slow = gated(translator)
     app = make_app(slow, bundle_dir, max_batch_sentences=2, max_wait_ms=0, workers=2)
+    # All three wait before the first search takes any: a search blocked in a step
+    # finds it is full only when it looks at the queue again.
+    slow.entry.clear()
 
     async def scenario():
         async with serving(app) as client:
@@ -421,6 +429,8 @@ def test_workers_search_batches_side_by_side(translator, bundle_dir, lines):
                 asyncio.create_task(client.post("/translate", json={"q": lines[:2]}))
                 for _ in range(3)
             ]
+            await until(lambda: _counts(client, searching=1, waiting=6), "all three queued")
+            slow.entry.set()
             await until(lambda: _counts(client, searching=2, waiting=2), "two batches at once")
             slow.gate.set()
             replies = [await task for task in tasks]
