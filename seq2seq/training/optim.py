@@ -60,8 +60,9 @@ def build_scheduler(
 
 def _cosine(warm: int, total: int, floor: float) -> Callable[[int], float]:
     """The rate's factor at each step: linear warm-up, then a half cosine from 1 to
-    ``floor`` (and ``floor`` past ``total``, should the budget be raised on resume
-    without restarting the schedule)."""
+    ``floor`` at ``total``. ``total`` is the step budget read when the trainer is
+    built, so a budget changed on resume reshapes the rest of the curve from the
+    step reached."""
 
     def factor(step: int) -> float:
         if step < warm:
