@@ -194,6 +194,7 @@ def test_unknown_keys_are_refused_naming_the_nearest(run_app, tmp_path, app, arg
         ("train", "optim.lr=nan", "optim.lr=nan; it must be a finite number"),
         ("train", "train.max_time=inf", "train.max_time=inf"),
         ("train", "model.dropout=1.0", "model.dropout=1.0"),
+        ("train", "model.word_dropout=-0.1", "model.word_dropout=-0.1"),
         ("train", "data.max_ratio=0.5", "data.max_ratio=0.5"),
         ("train", "train.seed=99999999999999999999999", "train.seed="),
         ("translate", "decode.max_len_a=1e9", "decode.max_len_a=1000000000.0; it must be"),

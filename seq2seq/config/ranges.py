@@ -100,6 +100,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "decoder_layers": Range(1, 64),
         "attention_size": SIZE,
         "dropout": Range(0, 1, high_open=True),
+        "word_dropout": Range(0, 1, high_open=True),
         "softmax_head": Range(0, 1 << 20, hint="0 keeps the plain softmax"),
     },
     OptimConfig: {

@@ -215,6 +215,8 @@ class ModelConfig:
     decoder_layers: int = 1
     attention_size: int = 256
     dropout: float = 0.3
+    # Whole source and target-input token embeddings dropped in training (0: off).
+    word_dropout: float = 0.0
     tie_embeddings: bool = True
     share_embeddings: bool = False
     softmax_head: int = (

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from seq2seq.config import AttentionKind, Cell, ModelConfig, RnnImpl
 from seq2seq.model import gru, softmax
 from seq2seq.model.additive import additive_scores
-from seq2seq.model.dropout import Dropout
+from seq2seq.model.dropout import Dropout, WordDropout
 from seq2seq.model.loss import masked_cross_entropy
 
 
@@ -176,6 +176,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.embedding_size, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = WordDropout(cfg.word_dropout)
         cell = Cell.parse(cfg.cell, "model.cell")
         self.rnn = gru.rnn_module(
             cell,
@@ -198,7 +199,7 @@ class Encoder(nn.Module):
             states (B, S, H), zero on padding, and the final states
             ``[h_fwd_last; h_bwd_first]`` of the top layer, (B, H).
         """
-        x = self.dropout(self.embed(src))
+        x = self.dropout(self.word_dropout(self.embed(src)))
         return gru.encoder_recurrence(x, lengths, self.rnn, impl=self.rnn_impl)
 
 
@@ -219,6 +220,7 @@ class Decoder(nn.Module):
         self.cell = Cell.parse(cfg.cell, "model.cell")
         self.embed = nn.Embedding(vocab_size, emb, padding_idx=pad_id)
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = WordDropout(cfg.word_dropout)
         self.rnn = gru.rnn_module(
             self.cell, emb + hidden, hidden, layers=self.layers, dropout=cfg.dropout
         )
@@ -267,7 +269,7 @@ class Decoder(nn.Module):
             deep-output vectors (B, T, E) before the vocabulary projection, the state
             after the last step, attention (B, T, S).
         """
-        emb = self.dropout(self.embed(prev_tokens))  # (B, T, E)
+        emb = self.dropout(self.word_dropout(self.embed(prev_tokens)))  # (B, T, E)
         outputs, rnn_state = gru.decoder_recurrence(
             self.rnn, emb, enc.context, state.as_rnn_state(), impl=self.rnn_impl
         )  # (B, T, H)

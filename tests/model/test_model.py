@@ -10,6 +10,7 @@ from seq2seq.config import ModelConfig, TrainApp
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.model import bundle
+from seq2seq.model.dropout import WordDropout
 from seq2seq.model.loss import masked_cross_entropy
 from seq2seq.model.model import Dropout, Seq2Seq
 from tests.helpers import tiny_model
@@ -157,6 +158,38 @@ def test_dropout_keeps_a_scaled_share_and_routes_gradients_through_it():
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.7)
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_word_dropout_drops_whole_tokens_and_only_in_training():
+    torch.manual_seed(0)
+    x = torch.rand(20, 100, 8) + 1.0  # no zeros of its own
+    dropout = WordDropout(0.2)
+    y = dropout(x)
+    dropped = (y == 0).all(dim=-1)
+    assert ((y == 0).any(dim=-1) == dropped).all()  # a token is dropped whole or kept whole
+    assert abs(dropped.float().mean().item() - 0.2) < 0.03
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.8)
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(WordDropout(0.0)(x), x)
+
+
+def test_word_dropout_leaves_evaluation_as_it_was():
+    """Validation, translation and a bundle see the model without word dropout."""
+    torch.manual_seed(0)
+    sizes = {"embedding_size": 16, "hidden_size": 32, "attention_size": 16, "dropout": 0.0}
+    plain = Seq2Seq(ModelConfig(**sizes), src_vocab=50, tgt_vocab=60, pad_id=PAD_ID)
+    noisy = Seq2Seq(
+        ModelConfig(**sizes, word_dropout=0.5), src_vocab=50, tgt_vocab=60, pad_id=PAD_ID
+    )
+    noisy.load_state_dict(plain.state_dict())  # no parameters of its own
+    src, lengths = torch.randint(4, 50, (3, 7)), torch.tensor([7, 5, 2])
+    tgt = torch.randint(4, 60, (3, 6))
+    torch.testing.assert_close(
+        noisy.eval()(src, lengths, tgt)[0], plain.eval()(src, lengths, tgt)[0]
+    )
+    torch.manual_seed(1)
+    trained, _ = noisy.train()(src, lengths, tgt)
+    assert not torch.allclose(trained, plain(src, lengths, tgt)[0])
 
 
 def test_bf16_autocast_training_pass_gives_fp32_gradients_near_fp32():
