@@ -15,10 +15,10 @@ class Dropout(nn.Module):
     training step that made it the largest elementwise cost after the loss.
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, *, name: str = "model.dropout") -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.dropout={p} must be in [0, 1)")
+            raise ValueError(f"{name}={p} must be in [0, 1)")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-class WordDropout(nn.Module):
+class WordDropout(Dropout):
     """Drops whole token embeddings: one mask value per position of (B, T, E).
 
     Why: unit dropout leaves every token partly visible, so the model can still
@@ -41,16 +41,10 @@ class WordDropout(nn.Module):
     """
 
     def __init__(self, p: float) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.word_dropout={p} must be in [0, 1)")
-        self.p = p
+        super().__init__(p, name="model.word_dropout")
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         keep = torch.rand(x.shape[:-1], device=x.device).ge_(self.p)
         return x * keep.unsqueeze(-1).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
