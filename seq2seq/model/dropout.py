@@ -24,8 +24,11 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * keep
+        return x * self.keep_mask(x)
+
+    def keep_mask(self, x: Tensor) -> Tensor:
+        """0 where dropped, 1/(1 - p) where kept, broadcastable to ``x``."""
+        return torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -43,8 +46,6 @@ class WordDropout(Dropout):
     def __init__(self, p: float) -> None:
         super().__init__(p, name="model.word_dropout")
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
+    def keep_mask(self, x: Tensor) -> Tensor:
         keep = torch.rand(x.shape[:-1], device=x.device).ge_(self.p)
-        return x * keep.unsqueeze(-1).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return keep.unsqueeze(-1).to(x.dtype).mul_(1.0 / (1.0 - self.p))
